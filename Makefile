@@ -1,0 +1,66 @@
+# The two commands of the README, and the steps they are made of. Each step is
+# idempotent: a second `make test` installs nothing and rebuilds only what changed.
+#   make run    set up, build, run the main job on the bundled default
+#   make test   set up, build, run every C++ and Python test
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PIP       := $(PY) -m pip
+BUILD_DIR := build/py
+JOBS      ?= $(shell nproc)
+DEBS      := nlohmann-json3-dev libsentencepiece-dev libgtest-dev libgmock-dev ccache cmake g++
+STAMP     := $(VENV)/.mola-requirements
+
+export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
+export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
+
+.PHONY: help run test setup install-debs install-python build test-cpp test-python bench clean
+
+help:
+	@echo "make run    - set up, build and run the main example (synthetic MoLA regression)"
+	@echo "make test   - set up, build and run the C++ (ctest) and Python (pytest) tests"
+	@echo "make bench  - the CPU layer benchmark (bench/layer.py), JSON to bench/results/"
+
+setup: install-debs install-python
+
+# Debian packages, only those missing (root, or sudo when there is one).
+install-debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# The virtual environment with the pinned requirements, redone when they change.
+install-python: $(STAMP)
+$(STAMP): requirements.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	@touch $@
+
+# mola itself: the C++ library, its tests and the Python package, from one CMake build.
+build: setup
+	$(PIP) install -q --no-build-isolation --no-deps \
+	  -C cmake.define.MOLA_BUILD_TESTS=ON -C build.verbose=false .
+
+test-cpp: build
+	ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS) --no-tests=error
+
+test-python: build
+	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider python
+
+test: test-cpp test-python
+
+run: build
+	$(PY) examples/python/train_synthetic.py
+
+bench: build
+	$(PY) bench/layer.py
+
+clean:
+	rm -rf build

@@ -1,0 +1,6 @@
+// The umbrella header of mola's C++ API: `#include <mola/mola.h>`.
+#pragma once
+
+#include <mola/config.h>
+#include <mola/nn/moe_lora_linear.h>
+#include <mola/ops.h>

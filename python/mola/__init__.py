@@ -1,0 +1,17 @@
+"""mola: mixture-of-LoRA-experts fine-tuning (MoLA, MoLEx) on a C++/CUDA core.
+
+``import mola`` loads the C++ library (registering ``torch.ops.mola.*``), the
+fake kernels torch.compile needs, and the Python API.
+"""
+import torch  # noqa: F401  (libmola links libtorch: torch must be loaded first)
+
+from . import _C  # noqa: F401  (registers the ops)
+from . import _fake  # noqa: F401  (fake kernels for torch.compile)
+from . import ops
+from .config import MoLAConfig
+from .nn import MoLALinear, aux_loss
+
+__version__ = "0.1.0"
+built_with_cuda = _C.built_with_cuda
+
+__all__ = ["MoLAConfig", "MoLALinear", "aux_loss", "ops", "built_with_cuda", "__version__"]

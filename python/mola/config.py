@@ -1,0 +1,245 @@
+"""mola.MoLAConfig: the adapter configuration as a Python dataclass.
+
+It mirrors the C++ ``mola::AdapterConfig`` field for field (the same names are
+the dataclass fields, the JSON keys and the C++ members). The rules, the
+layer-wise presets and the parameter count live only in C++
+(src/config.cpp) and are reached through ``mola._C`` with JSON strings, so
+Python and C++ can never disagree about what a config means. Python's own work
+here is turning Python values (tuples, numpy or torch integers) into JSON and
+reading files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import numbers
+import operator
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+from . import _C
+
+#: An int (every layer), a list (4 group counts or one per layer), or, for
+#: experts only, a preset string such as "triangle", "2468" or "10-2-2-2".
+PerLayer = Union[int, str, List[int]]
+
+# The defaults come from C++ so that there is one source for them.
+_DEFAULTS: Dict[str, Any] = json.loads(_C.config_default_json())
+
+# For values JSON cannot carry to C++ at all; C++ words every other error.
+_EXPECTED = {
+    "method": "a string such as 'mola'",
+    "experts": "an int, a list of ints, or a preset string such as 'triangle'",
+    "top_k": "an int or a list of ints",
+    "rank": "an int or a list of ints",
+    "alpha": "a finite number > 0 (default 16)",
+    "dropout": "a number with 0 <= dropout < 1 (default 0.05)",
+    "targets": "a list of module names such as ['q_proj', 'v_proj']",
+    "aux_loss_coef": "a finite number >= 0 (default 0.001)",
+    "compute": "one of 'auto', 'dense', 'grouped'",
+}
+
+__all__ = ["MoLAConfig", "PerLayer", "preset_names", "expand_preset"]
+
+
+def preset_names() -> List[str]:
+    """The named expert-allocation presets, in the papers' order."""
+    return list(_C.preset_names())
+
+
+def expand_preset(spec: str, num_layers: int) -> List[int]:
+    """Experts per layer for a preset string and a model with ``num_layers`` layers."""
+    return list(_C.expand_preset(spec, _layers(num_layers)))
+
+
+@dataclasses.dataclass
+class MoLAConfig:
+    """Settings of a MoLA adapter (design.md 2; see ``mola::AdapterConfig``).
+
+    experts, top_k and rank are each an int, a list of 4 group counts or one
+    count per transformer layer; experts may also be a preset: ``rectangle``
+    (5555), ``triangle`` (8642, more experts in the lower layers), ``inverted``
+    (2468), ``hourglass`` (8228), ``diamond`` (2882), any 4 digits, or 4 counts
+    such as "10-2-2-2". The layers split into 4 contiguous groups; the first
+    L mod 4 groups get one layer more. Invalid values raise ValueError.
+    """
+
+    method: str = _DEFAULTS["method"]
+    experts: PerLayer = _DEFAULTS["experts"]
+    top_k: PerLayer = _DEFAULTS["top_k"]
+    rank: PerLayer = _DEFAULTS["rank"]
+    alpha: float = _DEFAULTS["alpha"]
+    dropout: float = _DEFAULTS["dropout"]
+    targets: Tuple[str, ...] = tuple(_DEFAULTS["targets"])
+    aux_loss_coef: float = _DEFAULTS["aux_loss_coef"]
+    compute: str = _DEFAULTS["compute"]
+
+    def __post_init__(self) -> None:
+        # Validate in C++ and keep its normal form: lists as lists, numbers as
+        # float/int, targets as a tuple (so that equal configs compare equal).
+        for key, value in self._normalized().items():
+            setattr(self, key, tuple(value) if key == "targets" else value)
+
+    # ------------------------------------------------------------- JSON
+    def to_dict(self) -> Dict[str, Any]:
+        """The config as plain JSON values (validated again, so later edits are checked)."""
+        return self._normalized()
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None) -> str:
+        """The config as indented JSON; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MoLAConfig":
+        """Build from a mapping with any subset of the field names as keys."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"MoLAConfig.from_dict needs a mapping such as {{'experts': 8}}; got {d!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                nearest = difflib.get_close_matches(str(key), names, n=1, cutoff=0.0)
+                raise ValueError(
+                    f"MoLAConfig: unknown key {key!r}; did you mean {nearest[0]!r}? Valid keys: {', '.join(names)}"
+                )
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path_or_str: Union[str, os.PathLike]) -> "MoLAConfig":
+        """Build from a JSON file, or from JSON text (a string starting with '{')."""
+        if isinstance(path_or_str, str) and path_or_str.lstrip().startswith(("{", "[")):
+            try:
+                d = json.loads(path_or_str)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"adapter config is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; "
+                    "check for a missing comma, quote or brace"
+                ) from None
+            return cls.from_dict(d)
+
+        path = os.fspath(path_or_str)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"adapter config file {path!r} does not exist; check the path "
+                f"(a relative path starts at the working directory {os.getcwd()!r})"
+            )
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"adapter config file {path!r} is a directory; give the JSON file inside it")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"adapter config file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; "
+                "check for a missing comma, quote or brace"
+            ) from None
+        if not isinstance(d, dict):
+            raise ValueError(f"adapter config file {path!r} must hold a JSON object such as {{\"experts\": 8}}")
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    # ------------------------------------------------------------ model
+    def resolve(self, num_layers: int) -> Dict[str, Any]:
+        """Per-layer settings for a model with ``num_layers`` layers.
+
+        Returns a dict with ``experts``, ``top_k``, ``rank`` and ``scaling``
+        (alpha / rank) as lists of length num_layers, plus ``num_layers`` and
+        the scalar fields: what adapter_config.json holds.
+        """
+        return json.loads(_C.config_resolve(self._json(), _layers(num_layers)))
+
+    def num_parameters(self, shapes: Union[Mapping[str, Any], Sequence[Any]], num_layers: int) -> int:
+        """Trainable parameters as the MoLA papers count them.
+
+        sum over layers l of E_l * sum over targets t of (r_l * (in_t + out_t) + in_t).
+        ``shapes`` maps each target name to ``(in_features, out_features)`` (or
+        to a module with those attributes, such as an ``nn.Linear``), or is a
+        list of ``(name, in_features, out_features)``. Names not in targets are
+        ignored; a target without a shape is an error.
+        """
+        return int(_C.config_num_parameters(self._json(), _layers(num_layers), _shape_list(shapes)))
+
+    # ---------------------------------------------------------- helpers
+    def _json(self) -> str:
+        d = {}
+        for f in dataclasses.fields(self):
+            value = _plain(f.name, getattr(self, f.name))
+            try:  # what JSON cannot hold (objects, NaN) never reaches C++; the rest C++ judges
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                raise ValueError(f"{f.name} must be {_EXPECTED[f.name]}; got {value!r}") from None
+            d[f.name] = value
+        return json.dumps(d)
+
+    def _normalized(self) -> Dict[str, Any]:
+        d = json.loads(_C.config_normalize(self._json()))
+        return {f.name: d[f.name] for f in dataclasses.fields(self)}  # field order, not C++'s sorted keys
+
+
+def _plain(name: str, value: Any) -> Any:
+    """A field value as the JSON the C++ parser expects; wrong types pass through for C++ to reject."""
+    if name in ("experts", "top_k", "rank"):
+        if isinstance(value, (str, bool, float)):
+            return value
+        if isinstance(value, Iterable) and not isinstance(value, Mapping) and not hasattr(value, "__index__"):
+            return [_plain_int(v) for v in value]
+        if hasattr(value, "__index__") and getattr(value, "ndim", 0) == 1:  # a 1-D tensor or array
+            return [_plain_int(v) for v in value]
+        return _plain_int(value)
+    if name == "targets":
+        if isinstance(value, str):
+            raise ValueError(f"targets must be a list of module names, not the string {value!r}; write [{value!r}]")
+        return list(value) if isinstance(value, Iterable) else value
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        return float(value)  # numpy and torch floats
+    return value
+
+
+def _plain_int(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
+def _layers(num_layers: Any) -> int:
+    if isinstance(num_layers, bool):
+        raise ValueError(f"num_layers must be an int such as 32; got {num_layers!r}")
+    try:
+        return operator.index(num_layers)
+    except TypeError:
+        raise ValueError(f"num_layers must be an int such as 32; got {num_layers!r}") from None
+
+
+def _shape_list(shapes: Union[Mapping[str, Any], Sequence[Any]]) -> List[Tuple[str, int, int]]:
+    """Normalises the shapes accepted by num_parameters to [(name, in, out)]."""
+    if isinstance(shapes, Mapping):
+        entries = []
+        for name, shape in shapes.items():
+            if hasattr(shape, "in_features") and hasattr(shape, "out_features"):
+                shape = (shape.in_features, shape.out_features)
+            entries.append((name, *tuple(shape)) if isinstance(shape, Iterable) else (name, shape))
+    else:
+        entries = [tuple(e) if isinstance(e, Iterable) and not isinstance(e, str) else (e,) for e in shapes]
+    out = []
+    for e in entries:
+        if len(e) != 3 or not isinstance(e[0], str):
+            raise ValueError(
+                f"num_parameters: shape entry {e!r} is not (name, in_features, out_features); "
+                "pass e.g. {'q_proj': (4096, 4096)} or [('q_proj', 4096, 4096)]"
+            )
+        try:
+            out.append((e[0], operator.index(e[1]), operator.index(e[2])))
+        except TypeError:
+            raise ValueError(f"num_parameters: the sizes of {e[0]!r} must be ints; got {e[1]!r} -> {e[2]!r}") from None
+    return out

@@ -1,0 +1,130 @@
+"""``mola.MoLALinear`` and ``mola.aux_loss``: the PyTorch face of the op.
+
+MoLALinear owns its parameters as ``nn.Parameter`` and calls
+``torch.ops.mola.moe_lora``; it re-implements none of the math. Its parameter
+names equal the C++ ``mola::nn::MoLALinear``'s, so state dicts move between them.
+"""
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .ops import compute_code, load_balancing_loss
+
+DEFAULT_AUX_LOSS_COEF = 1e-3  # the authors' router_aux_loss_coef (methods.md 1.2)
+
+
+class MoLALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a top-k router over E LoRA experts (design 2.1).
+
+    Args:
+        base: the pretrained layer; it is frozen and kept as ``.base``.
+        num_experts: E, the number of LoRA experts.
+        top_k: experts per token (``1 <= top_k <= num_experts``; ``top_k == E`` is dense).
+        rank: r, the LoRA rank of every expert.
+        alpha: LoRA alpha; the experts' output is scaled by ``alpha / rank``.
+        dropout: dropout on the experts' input (one mask shared by all experts).
+        compute: ``"auto"``, ``"dense"`` or ``"grouped"`` (design section 4).
+        layer_index: the transformer layer this module belongs to; ``aux_loss``
+            groups by it (None: a group of its own).
+
+    ``forward(x)`` returns ``y`` and keeps the router logits ``[T, E]`` of that
+    call in ``.router_logits`` for ``mola.aux_loss``.
+    """
+
+    def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int,
+                 alpha: float = 16.0, dropout: float = 0.0, compute="auto",
+                 layer_index: Optional[int] = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"MoLALinear wraps an nn.Linear; got {type(base).__name__}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts={num_experts} must be at least 1")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}; "
+                             "lower top_k or add experts")
+        if rank < 1:
+            raise ValueError(f"rank={rank} must be at least 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        self.compute = compute
+        self._compute_code = compute_code(compute)
+        self.base = base
+        self.base.requires_grad_(False)
+        self.num_experts, self.top_k, self.rank = int(num_experts), int(top_k), int(rank)
+        self.alpha, self.dropout = float(alpha), float(dropout)
+        self.scaling = self.alpha / self.rank
+        self.layer_index = layer_index
+        w = base.weight
+        kw = dict(device=w.device, dtype=w.dtype)
+        self.router = nn.Parameter(torch.empty(num_experts, base.in_features, **kw))
+        self.lora_a = nn.Parameter(torch.empty(num_experts, rank, base.in_features, **kw))
+        self.lora_b = nn.Parameter(torch.empty(num_experts, base.out_features, rank, **kw))
+        self.router_logits: Optional[torch.Tensor] = None
+        self.reset_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """LoRA's init, as the authors' code (methods.md 1.1): router and A
+        ``kaiming_uniform_(a=sqrt(5))`` per expert matrix, which is
+        ``U(-1/sqrt(in), 1/sqrt(in))``; B zero, so the module starts as the base layer."""
+        bound = 1.0 / math.sqrt(self.base.in_features)
+        self.router.uniform_(-bound, bound)
+        self.lora_a.uniform_(-bound, bound)
+        self.lora_b.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seed = None
+        if self.training and self.dropout > 0.0:
+            # A fresh mask per call from torch's CPU generator (torch.manual_seed
+            # repeats it); the op regenerates the mask from it in backward.
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        y, logits = torch.ops.mola.moe_lora(
+            x, self.base.weight, self.base.bias, self.router, self.lora_a, self.lora_b,
+            self.top_k, self.scaling, self.dropout, self.training, self._compute_code, seed)
+        self.router_logits = logits
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, compute={self.compute!r}, "
+                f"layer_index={self.layer_index}")
+
+
+def aux_loss(model: nn.Module, coef: Optional[float] = None) -> torch.Tensor:
+    """The balance loss (design 2.2) over every MoLALinear of ``model`` that ran a forward.
+
+    Modules are grouped by ``.layer_index`` (those with None form a group each);
+    each group's router logits are stacked along rows, in module order, as the
+    authors stack the seven modules of a decoder layer. ``coef`` None means 0.001.
+    """
+    groups: "OrderedDict[object, list]" = OrderedDict()
+    for name, module in model.named_modules():
+        if isinstance(module, MoLALinear) and module.router_logits is not None:
+            key = module.layer_index if module.layer_index is not None else ("module", name)
+            groups.setdefault(key, []).append(module)
+    if not groups:
+        raise ValueError("aux_loss: the model has no MoLALinear that ran a forward; "
+                         "call the model on a batch first")
+    logits, top_k = [], []
+    for key, modules in groups.items():
+        ks = {m.top_k for m in modules}
+        es = {m.num_experts for m in modules}
+        if len(ks) != 1 or len(es) != 1:
+            raise ValueError(f"aux_loss: the modules of layer {key} disagree on num_experts "
+                             f"{sorted(es)} or top_k {sorted(ks)}; a layer shares one E and k")
+        logits.append(torch.cat([m.router_logits for m in modules], dim=0))
+        top_k.append(ks.pop())
+    return load_balancing_loss(logits, top_k,
+                               DEFAULT_AUX_LOSS_COEF if coef is None else float(coef))

@@ -1,0 +1,62 @@
+"""Python entry points of the mola op family (``torch.ops.mola.*``).
+
+Thin wrappers that accept ``compute`` by name; the math lives in C++
+(src/ops/). Each function is traceable by torch.compile.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+COMPUTE = {"auto": 0, "dense": 1, "grouped": 2}
+
+
+def compute_code(compute) -> int:
+    """``"auto" | "dense" | "grouped"`` (or 0, 1, 2) -> the op's integer code."""
+    if isinstance(compute, str):
+        if compute not in COMPUTE:
+            raise ValueError(
+                f"compute={compute!r} is not a strategy; use one of {sorted(COMPUTE)}")
+        return COMPUTE[compute]
+    if compute in (0, 1, 2):
+        return int(compute)
+    raise ValueError(f"compute={compute!r} is not a strategy; use one of {sorted(COMPUTE)}")
+
+
+def moe_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             router: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, top_k: int,
+             scaling: float, dropout_p: float = 0.0, training: bool = False,
+             compute="auto", dropout_seed: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The MoLA layer (design 2.1): ``y = x W^T + b + scaling * sum_j w_j B_j A_j dropout(x)``.
+
+    Shapes: x ``[..., in]``, weight ``[out, in]``, router ``[E, in]``, lora_a
+    ``[E, r, in]``, lora_b ``[E, out, r]``. Returns ``(y [..., out], router_logits [T, E])``.
+    ``dropout_seed`` (int64, one element) is required when training with dropout.
+    """
+    return torch.ops.mola.moe_lora(x, weight, bias, router, lora_a, lora_b, int(top_k),
+                                   float(scaling), float(dropout_p), bool(training),
+                                   compute_code(compute), dropout_seed)
+
+
+def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: Sequence[int],
+                        coef: float = 1e-3, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch-style balance loss summed over layers (design 2.2), times ``coef``.
+
+    One ``[rows, E_l]`` logits tensor and one ``top_k`` per transformer layer.
+    """
+    return torch.ops.mola.load_balancing_loss(list(router_logits), [int(k) for k in top_k],
+                                              float(coef), mask)
+
+
+def moe_lora_route(router_logits: torch.Tensor, top_k: int):
+    """fp32 softmax, top-k and renormalisation: ``(weights, indices, gate)``."""
+    return torch.ops.mola.moe_lora_route(router_logits, int(top_k))
+
+
+def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The multiplier (0 or 1/(1-p), float32 ``[rows, cols]``) moe_lora applies for ``seed``."""
+    return torch.ops.mola._dropout_mask(seed, int(rows), int(cols), float(p))
+
+
+__all__: List[str] = ["moe_lora", "load_balancing_loss", "moe_lora_route", "dropout_mask",
+                      "compute_code", "COMPUTE"]

@@ -1,0 +1,486 @@
+// AdapterConfig: JSON parsing, validation, preset expansion (design.md 2.3)
+// and the papers' parameter count. Deliberately free of torch (see config.h):
+// every check here is about numbers a user typed, so each error names the
+// value, the rule it broke and how to fix it.
+#include "mola/config.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+// No <filesystem>: the PyPI libtorch exports its own statically linked copies
+// of std::filesystem (pytorch/pytorch#133437), which win symbol lookup in
+// anything linked against it, and some crash (remove_all). stat() is enough here.
+
+namespace mola {
+namespace {
+
+using nlohmann::json;
+
+struct NamedPreset {
+  const char* name;
+  std::array<int64_t, 4> groups;  // bottom group (first layers) first
+};
+// The papers' shapes; the triangle has MORE experts in the LOWER layers.
+constexpr NamedPreset kPresets[] = {
+    {"rectangle", {5, 5, 5, 5}}, {"triangle", {8, 6, 4, 2}}, {"inverted", {2, 4, 6, 8}},
+    {"hourglass", {8, 2, 2, 8}}, {"diamond", {2, 8, 8, 2}},
+};
+const char* const kGroupListRule =
+    "a group list is 4 positive whole numbers separated by '-' or ',' (e.g. \"10-2-2-2\")";
+
+template <class... Parts>
+std::string cat(const Parts&... parts) {
+  std::ostringstream o;
+  (o << ... << parts);
+  return o.str();
+}
+
+template <class... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  throw ConfigError(cat(parts...));
+}
+
+std::string quote(const std::string& s) { return "\"" + s + "\""; }
+
+std::string join(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
+  return out;
+}
+
+std::string lower(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+std::string trim(const std::string& s) {
+  const auto b = s.find_first_not_of(" \t\n\r");
+  return b == std::string::npos ? "" : s.substr(b, s.find_last_not_of(" \t\n\r") - b + 1);
+}
+
+bool all_digits(const std::string& s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isdigit(c) != 0; });
+}
+
+// A JSON value short enough to quote in a message.
+std::string show(const json& j) {
+  std::string s = j.dump();
+  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
+}
+
+std::string did_you_mean(const std::string& word, const std::vector<std::string>& valid) {
+  return "did you mean " + quote(detail::nearest_name(word, valid)) + "?";
+}
+
+// `subject` names the count: "experts", "rank[3]", "experts: group 2 of \"2048\"".
+void check_count(const std::string& field, int64_t v, const std::string& subject) {
+  if (v >= 1) return;
+  const char* why = field == "experts" ? "every layer needs at least one expert"
+                    : field == "top_k" ? "each token must be routed to at least one expert"
+                                       : "a LoRA expert needs rank >= 1";
+  fail(subject, " is ", v, ", but every count must be >= 1; ", why);
+}
+
+void check_num_layers(int64_t num_layers) {
+  if (num_layers < 1)
+    fail("num_layers ", num_layers, " must be >= 1; pass the model's number of transformer layers (32 for LLaMA-2-7B)");
+}
+
+// JSON integers only: 8.0, true and "8" are rejected rather than guessed at.
+bool json_int(const json& j, int64_t* out) {
+  if (j.is_number_unsigned()) {
+    if (j.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return false;
+    *out = static_cast<int64_t>(j.get<uint64_t>());
+    return true;
+  }
+  if (!j.is_number_integer()) return false;
+  *out = j.get<int64_t>();
+  return true;
+}
+
+std::string get_string(const json& j, const std::string& key, const char* example) {
+  if (!j.at(key).is_string()) fail(key, " must be a string such as \"", example, "\"; got ", show(j.at(key)));
+  return j.at(key).get<std::string>();
+}
+
+double get_number(const json& j, const std::string& key) {
+  if (!j.at(key).is_number()) fail(key, " must be a number; got ", show(j.at(key)));
+  return j.at(key).get<double>();
+}
+
+std::vector<std::string> get_string_list(const json& j, const std::string& key) {
+  const json& v = j.at(key);
+  if (!v.is_array()) fail(key, " must be a list of module names such as [\"q_proj\", \"v_proj\"]; got ", show(v));
+  std::vector<std::string> out;
+  for (const auto& e : v) {
+    if (!e.is_string()) fail(key, ": ", show(e), " is not a string; give module names such as \"q_proj\"");
+    out.push_back(e.get<std::string>());
+  }
+  return out;
+}
+
+void check_one_of(const std::string& key, const std::string& value, const std::vector<std::string>& valid) {
+  if (std::find(valid.begin(), valid.end(), value) == valid.end())
+    fail(key, " ", quote(value), " is not one of ", join(valid), "; ", did_you_mean(value, valid));
+}
+
+void check_keys(const json& j, const std::vector<std::string>& valid, const std::string& what) {
+  if (!j.is_object()) fail(what, " must be a JSON object such as {\"experts\": 8}; got ", show(j));
+  for (const auto& item : j.items())
+    if (std::find(valid.begin(), valid.end(), item.key()) == valid.end())
+      fail(what, ": unknown key ", quote(item.key()), "; ", did_you_mean(item.key(), valid),
+           " Valid keys: ", join(valid));
+}
+
+}  // namespace
+
+namespace detail {
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  // One row of the classic dynamic programme: row[j] = distance(a[:i], b[:j]).
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string nearest_name(const std::string& word, const std::vector<std::string>& candidates) {
+  std::string best;
+  size_t best_distance = std::numeric_limits<size_t>::max();
+  for (const auto& c : candidates) {
+    const size_t d = edit_distance(lower(word), lower(c));
+    if (d < best_distance) best_distance = d, best = c;
+  }
+  return best;
+}
+
+std::array<int64_t, 4> parse_group_spec(const std::string& field, const std::string& spec) {
+  const std::string forms = cat("give a preset name (", join(preset_names()),
+                                "), 4 digits such as \"2468\", or 4 group counts such as \"10-2-2-2\"");
+  const std::string s = trim(spec);
+  if (s.empty()) fail(field, ": an empty string is not a preset; ", forms);
+  for (const auto& p : kPresets)
+    if (lower(s) == p.name) return p.groups;
+
+  std::array<int64_t, 4> groups{};
+  if (all_digits(s)) {
+    if (s.size() != 4)
+      fail(field, ": ", quote(spec), " has ", s.size(), " digits, so it is not a preset; ",
+           "a digit preset has exactly 4, one per quarter of the layers (e.g. \"2468\"); ",
+           "write counts above 9 with dashes (\"10-2-2-2\")");
+    for (size_t g = 0; g < 4; ++g) {
+      groups[g] = s[g] - '0';
+      check_count(field, groups[g], cat(field, ": group ", g + 1, " of ", quote(spec)));
+    }
+    return groups;
+  }
+  if (s.find_first_of("-,") == std::string::npos)
+    fail(field, ": unknown preset ", quote(spec), "; ", did_you_mean(s, preset_names()), " Or ", forms);
+
+  std::vector<std::string> pieces;
+  std::string piece;
+  for (char c : s + ",") {
+    if (c != '-' && c != ',') piece += c;
+    else pieces.push_back(trim(piece)), piece.clear();
+  }
+  if (pieces.size() != 4)
+    fail(field, ": ", quote(spec), " has ", pieces.size(), " group counts; a group list needs exactly 4, one per ",
+         "quarter of the layers (e.g. \"2-4-6-8\"); for one count per layer use a JSON list");
+  for (size_t g = 0; g < 4; ++g) {
+    const std::string where = cat(field, ": group ", g + 1, " of ", quote(spec));
+    if (pieces[g].empty()) fail(where, " is empty; ", kGroupListRule);
+    if (!all_digits(pieces[g])) fail(where, " (", quote(pieces[g]), ") is not a whole number; ", kGroupListRule);
+    if (pieces[g].size() > 9) fail(where, " (", pieces[g], ") is too large; give at most 999999999");
+    groups[g] = std::stoll(pieces[g]);
+    check_count(field, groups[g], where);
+  }
+  return groups;
+}
+
+std::vector<int64_t> expand_groups(const std::array<int64_t, 4>& groups, int64_t num_layers) {
+  check_num_layers(num_layers);
+  std::vector<int64_t> out;
+  out.reserve(static_cast<size_t>(num_layers));
+  const int64_t base = num_layers / 4, extra = num_layers % 4;
+  for (size_t g = 0; g < 4; ++g)
+    out.insert(out.end(), static_cast<size_t>(base + (static_cast<int64_t>(g) < extra ? 1 : 0)), groups[g]);
+  return out;
+}
+
+}  // namespace detail
+
+std::vector<int64_t> expand_preset(const std::string& spec, int64_t num_layers) {
+  check_num_layers(num_layers);
+  return detail::expand_groups(detail::parse_group_spec("experts", spec), num_layers);
+}
+
+std::vector<std::string> preset_names() {
+  std::vector<std::string> names;
+  for (const auto& p : kPresets) names.emplace_back(p.name);
+  return names;
+}
+
+// ---------------------------------------------------------------- PerLayerSpec
+
+void PerLayerSpec::validate(const std::string& field, bool allow_preset) const {
+  if (const auto* v = std::get_if<int64_t>(&value)) {
+    check_count(field, *v, field);
+  } else if (const auto* list = std::get_if<std::vector<int64_t>>(&value)) {
+    if (list->empty()) fail(field, ": an empty list gives no counts; give 4 group counts or one count per layer");
+    for (size_t i = 0; i < list->size(); ++i) check_count(field, (*list)[i], cat(field, "[", i, "]"));
+  } else if (!allow_preset) {
+    fail(field, ": ", quote(std::get<std::string>(value)), " is a string, but presets apply to experts only; give ",
+         field, " as an int (e.g. 2) or a list (4 group counts or one per layer)");
+  } else {
+    detail::parse_group_spec(field, std::get<std::string>(value));
+  }
+}
+
+std::vector<int64_t> PerLayerSpec::resolve(const std::string& field, int64_t num_layers, bool allow_preset) const {
+  check_num_layers(num_layers);
+  validate(field, allow_preset);
+  if (const auto* v = std::get_if<int64_t>(&value)) return std::vector<int64_t>(static_cast<size_t>(num_layers), *v);
+  if (const auto* list = std::get_if<std::vector<int64_t>>(&value)) {
+    const auto n = static_cast<int64_t>(list->size());
+    if (n == num_layers) return *list;  // per layer; wins over groups when num_layers == 4 (same result)
+    if (n == 4) return detail::expand_groups({(*list)[0], (*list)[1], (*list)[2], (*list)[3]}, num_layers);
+    fail(field, ": a list of ", n, " entries fits neither 4 groups nor the model's ", num_layers,
+         " layers; give 4 group counts or one count per layer");
+  }
+  return detail::expand_groups(detail::parse_group_spec(field, std::get<std::string>(value)), num_layers);
+}
+
+PerLayerSpec PerLayerSpec::from_json(const json& j, const std::string& field) {
+  int64_t v = 0;
+  if (json_int(j, &v)) return PerLayerSpec(v);
+  if (j.is_string()) return PerLayerSpec(j.get<std::string>());
+  if (!j.is_array())
+    fail(field, " must be an integer, a list of integers",
+         field == "experts" ? " or a preset string such as \"triangle\"" : "", "; got ", show(j));
+  std::vector<int64_t> list;
+  for (size_t i = 0; i < j.size(); ++i) {
+    if (!json_int(j[i], &v))
+      fail(field, "[", i, "] is ", show(j[i]), ", not a whole number; every count must be an integer >= 1");
+    list.push_back(v);
+  }
+  return PerLayerSpec(std::move(list));
+}
+
+nlohmann::json PerLayerSpec::to_json() const {
+  return std::visit([](const auto& v) { return json(v); }, value);
+}
+
+// --------------------------------------------------------------- AdapterConfig
+
+std::vector<std::string> AdapterConfig::default_targets() {
+  return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+}
+
+const std::vector<std::string>& AdapterConfig::keys() {
+  static const std::vector<std::string> k = {"method",  "experts", "top_k",         "rank",   "alpha",
+                                             "dropout", "targets", "aux_loss_coef", "compute"};
+  return k;
+}
+
+const std::vector<std::string>& AdapterConfig::methods() {
+  static const std::vector<std::string> m = {"mola"};  // "molex" and "lora" join when their modules land
+  return m;
+}
+
+const std::vector<std::string>& AdapterConfig::compute_modes() {
+  static const std::vector<std::string> m = {"auto", "dense", "grouped"};
+  return m;
+}
+
+AdapterConfig AdapterConfig::from_json(const nlohmann::json& j) {
+  check_keys(j, keys(), "adapter config");
+  AdapterConfig c;
+  if (j.contains("method")) c.method = get_string(j, "method", "mola");
+  if (j.contains("experts")) c.experts = PerLayerSpec::from_json(j.at("experts"), "experts");
+  if (j.contains("top_k")) c.top_k = PerLayerSpec::from_json(j.at("top_k"), "top_k");
+  if (j.contains("rank")) c.rank = PerLayerSpec::from_json(j.at("rank"), "rank");
+  if (j.contains("alpha")) c.alpha = get_number(j, "alpha");
+  if (j.contains("dropout")) c.dropout = get_number(j, "dropout");
+  if (j.contains("targets")) c.targets = get_string_list(j, "targets");
+  if (j.contains("aux_loss_coef")) c.aux_loss_coef = get_number(j, "aux_loss_coef");
+  if (j.contains("compute")) c.compute = get_string(j, "compute", "auto");
+  c.validate();
+  return c;
+}
+
+AdapterConfig AdapterConfig::from_json_string(const std::string& text) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    fail("adapter config is not valid JSON (byte ", e.byte, "): ", e.what(),
+         "; check for a missing comma, quote or brace");
+  }
+  return from_json(j);
+}
+
+AdapterConfig AdapterConfig::from_json_file(const std::string& path) {
+  const std::string name = "adapter config file " + quote(path);
+  struct stat info {};
+  if (::stat(path.c_str(), &info) != 0) {
+    char cwd[4096] = "?";
+    if (::getcwd(cwd, sizeof(cwd)) == nullptr) cwd[0] = '?', cwd[1] = '\0';
+    fail(name, " does not exist; check the path (a relative path starts at the working directory ", quote(cwd), ")");
+  }
+  if (S_ISDIR(info.st_mode)) fail(name, " is a directory; give the JSON file inside it");
+  std::ifstream in(path);
+  if (!in) fail(name, " cannot be opened for reading; check its permissions");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    fail(name, " is not valid JSON (byte ", e.byte, "): ", e.what(), "; check for a missing comma, quote or brace");
+  }
+  try {
+    return from_json(j);
+  } catch (const ConfigError& e) {
+    fail(path, ": ", e.what());
+  }
+}
+
+nlohmann::json AdapterConfig::to_json() const {
+  return json{{"method", method},   {"experts", experts.to_json()},   {"top_k", top_k.to_json()},
+              {"rank", rank.to_json()}, {"alpha", alpha},             {"dropout", dropout},
+              {"targets", targets}, {"aux_loss_coef", aux_loss_coef}, {"compute", compute}};
+}
+
+void AdapterConfig::validate() const {
+  check_one_of("method", method, methods());
+  experts.validate("experts", true);
+  top_k.validate("top_k", false);
+  rank.validate("rank", false);
+  // Per-layer comparisons wait for resolve(); two plain ints can be compared now.
+  if (top_k.is_int() && experts.is_int() && std::get<int64_t>(top_k.value) > std::get<int64_t>(experts.value))
+    fail("top_k ", std::get<int64_t>(top_k.value), " exceeds experts ", std::get<int64_t>(experts.value),
+         "; lower top_k or use more experts");
+  if (!(std::isfinite(alpha) && alpha > 0))
+    fail("alpha ", alpha, " must be a finite number > 0; the LoRA scaling is alpha / rank (default 16)");
+  if (!(dropout >= 0 && dropout < 1))  // also rejects NaN
+    fail("dropout ", dropout,
+         " must satisfy 0 <= dropout < 1; it is the probability of zeroing a LoRA input (default 0.05)");
+  if (targets.empty()) fail("targets is empty; list the linear layers to adapt, e.g. [\"q_proj\", \"v_proj\"]");
+  for (auto it = targets.begin(); it != targets.end(); ++it) {
+    if (it->empty())
+      fail("targets[", it - targets.begin(), "] is an empty name; give module names such as \"q_proj\"");
+    if (std::find(targets.begin(), it, *it) != it)
+      fail("targets lists ", quote(*it), " twice; give each module name once");
+  }
+  if (!(std::isfinite(aux_loss_coef) && aux_loss_coef >= 0))
+    fail("aux_loss_coef ", aux_loss_coef,
+         " must be a finite number >= 0; 0 turns the load-balancing loss off (default 0.001)");
+  check_one_of("compute", compute, compute_modes());
+}
+
+ResolvedAdapter AdapterConfig::resolve(int64_t num_layers) const {
+  check_num_layers(num_layers);
+  validate();
+  ResolvedAdapter r;
+  r.method = method;
+  r.num_layers = num_layers;
+  r.experts = experts.resolve("experts", num_layers, true);
+  r.top_k = top_k.resolve("top_k", num_layers, false);
+  r.rank = rank.resolve("rank", num_layers, false);
+  for (size_t l = 0; l < r.experts.size(); ++l) {
+    if (r.top_k[l] > r.experts[l])
+      fail("top_k ", r.top_k[l], " exceeds experts ", r.experts[l], " in layer ", l, " (model.layers.", l,
+           "); lower top_k or give that layer more experts");
+    r.scaling.push_back(alpha / static_cast<double>(r.rank[l]));
+  }
+  r.alpha = alpha;
+  r.dropout = dropout;
+  r.targets = targets;
+  r.aux_loss_coef = aux_loss_coef;
+  r.compute = compute;
+  return r;
+}
+
+int64_t AdapterConfig::num_parameters(const std::vector<LinearShape>& shapes, int64_t num_layers) const {
+  return resolve(num_layers).num_parameters(shapes);
+}
+
+bool operator==(const AdapterConfig& a, const AdapterConfig& b) {
+  return a.method == b.method && a.experts == b.experts && a.top_k == b.top_k && a.rank == b.rank &&
+         a.alpha == b.alpha && a.dropout == b.dropout && a.targets == b.targets &&
+         a.aux_loss_coef == b.aux_loss_coef && a.compute == b.compute;
+}
+
+// ------------------------------------------------------------- ResolvedAdapter
+
+nlohmann::json ResolvedAdapter::to_json() const {
+  json j{{"method", method}, {"num_layers", num_layers}, {"experts", experts},
+         {"top_k", top_k},   {"rank", rank},             {"scaling", scaling},
+         {"alpha", alpha},   {"dropout", dropout},       {"targets", targets},
+         {"aux_loss_coef", aux_loss_coef}, {"compute", compute}};
+  if (!base_model_name.empty()) j["base_model_name"] = base_model_name;
+  return j;
+}
+
+ResolvedAdapter ResolvedAdapter::from_json(const nlohmann::json& j) {
+  std::vector<std::string> valid = AdapterConfig::keys();
+  valid.insert(valid.begin() + 1, "num_layers");
+  valid.insert(valid.begin() + 5, "scaling");
+  valid.push_back("base_model_name");
+  check_keys(j, valid, "resolved adapter config");
+  int64_t num_layers = 0;
+  if (!j.contains("num_layers") || !json_int(j.at("num_layers"), &num_layers))
+    fail("resolved adapter config needs \"num_layers\", the model's number of transformer layers, as an integer; got ",
+         j.contains("num_layers") ? show(j.at("num_layers")) : "no such key");
+  json rest = j;
+  for (const char* key : {"num_layers", "scaling", "base_model_name"}) rest.erase(key);
+  ResolvedAdapter r = AdapterConfig::from_json(rest).resolve(num_layers);
+  if (j.contains("base_model_name")) r.base_model_name = get_string(j, "base_model_name", "meta-llama/Llama-2-7b-hf");
+  if (j.contains("scaling") && j.at("scaling") != json(r.scaling))
+    fail("resolved adapter config: scaling ", show(j.at("scaling")), " is not alpha / rank ", show(json(r.scaling)),
+         "; drop \"scaling\" or make it agree with alpha and rank");
+  return r;
+}
+
+int64_t ResolvedAdapter::num_parameters(const std::vector<LinearShape>& shapes) const {
+  // r is shared by every target of a layer, so the per-layer sum over targets of
+  // r * (in + out) + in is r * sum_t (in + out) + sum_t in.
+  int64_t in_plus_out = 0, in_only = 0;
+  for (const auto& t : targets) {
+    const LinearShape* found = nullptr;
+    std::vector<std::string> given;
+    for (const auto& s : shapes) {
+      given.push_back(s.name);
+      if (s.name != t) continue;
+      if (found && (found->in_features != s.in_features || found->out_features != s.out_features))
+        fail("num_parameters: two different shapes are given for ", quote(t), "; give each target once");
+      found = &s;
+    }
+    if (!found)
+      fail("num_parameters: no shape is given for target ", quote(t), "; pass a LinearShape for every name in targets",
+           " (got: ", given.empty() ? "none" : join(given), ")");
+    if (found->in_features < 1 || found->out_features < 1)
+      fail("num_parameters: shape ", quote(t), " is ", found->in_features, " -> ", found->out_features,
+           "; in_features and out_features must be >= 1");
+    in_plus_out += found->in_features + found->out_features;
+    in_only += found->in_features;
+  }
+  int64_t total = 0;
+  for (size_t l = 0; l < experts.size(); ++l) total += experts[l] * (rank[l] * in_plus_out + in_only);
+  return total;
+}
+
+}  // namespace mola

@@ -1,0 +1,221 @@
+// The moe_lora forward and backward in ATen: readable, device-generic, and the
+// reference the CUDA kernels are tested against. Math: design section 4.
+//
+// Dense-masked: every expert on every token, h = x~ A_cat^T [T, E*r], scaled per
+// expert block by s * g[t, e] (g: the [T, E] gate matrix, 0 off the top-k), then
+// y += u B_cat^T. Grouped: the (token, slot) pairs sorted by expert and one small
+// GEMM pair per expert segment, k/E of the dense work plus indexing.
+// Routing and the dropout mask come through the dispatcher (mola::moe_lora_route,
+// mola::_dropout_mask), so the backward recomputes exactly what the forward used.
+#include "ops/moe_lora_impl.h"
+
+#include <mola/ops.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace mola::detail {
+namespace {
+
+constexpr int64_t kDense = static_cast<int64_t>(ops::Compute::kDense);
+
+// x~ = x * mask, or x itself when dropout is off. [T, in]
+at::Tensor dropout_input(const at::Tensor& X, double p, bool training,
+                         const std::optional<at::Tensor>& seed) {
+  if (!dropout_active(p, training)) return X;
+  at::Tensor mask = ops::dropout_mask(*seed, X.size(0), X.size(1), p);
+  return X * mask.to(X.device(), X.scalar_type());
+}
+
+// B [E, out, r] -> B_cat [out, E*r], the expand weight of the dense strategy.
+at::Tensor cat_lora_b(const at::Tensor& lora_b) {
+  return lora_b.permute({1, 0, 2}).reshape({lora_b.size(1), -1});
+}
+
+// The routed (token, slot) pairs grouped by expert: `order` lists flat slot ids
+// t*k + j sorted by expert, `counts` how many each expert got (on the host: the
+// grouped loop needs them to slice; CPU only, issue 5 replaces it on CUDA).
+struct ExpertSegments {
+  at::Tensor order;              // [T*k] int64
+  std::vector<int64_t> counts;   // [E]
+};
+
+ExpertSegments segment_by_expert(const at::Tensor& idx, int64_t E) {
+  at::Tensor flat = idx.reshape({-1});
+  at::Tensor order = std::get<1>(flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  at::Tensor counts = at::bincount(flat, {}, E).cpu();
+  return {order, std::vector<int64_t>(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + E)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
+    double scaling, double dropout_p, bool training, int64_t compute,
+    const std::optional<at::Tensor>& dropout_seed) {
+  check_moe_lora_args(x, weight, bias, router, lora_a, lora_b, top_k, dropout_p, training, compute,
+                      dropout_seed);
+  const int64_t in = x.size(-1), out = weight.size(0), E = router.size(0), r = lora_a.size(1);
+  const int64_t mode = static_cast<int64_t>(
+      ops::resolve_compute(static_cast<ops::Compute>(compute), E, r));
+  at::Tensor X = x.reshape({-1, in});  // [T, in]
+  const int64_t T = X.size(0);
+  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
+  y_shape.back() = out;
+
+  at::Tensor logits = at::mm(X, router.t());  // [T, E], no dropout on the router input
+  auto [w, idx, gate] = ops::moe_lora_route(logits, top_k);  // [T,k], [T,k], [T,E]
+  at::Tensor Xd = dropout_input(X, dropout_p, training, dropout_seed);
+  at::Tensor y = at::linear(X, weight, bias).contiguous();  // [T, out], exactly nn.Linear
+
+  at::Tensor hidden;
+  if (mode == kDense) {
+    hidden = at::mm(Xd, lora_a.reshape({E * r, in}).t());  // [T, E*r]
+    at::Tensor g = (gate * scaling).to(x.scalar_type());    // [T, E]
+    at::Tensor u = (hidden.view({T, E, r}) * g.unsqueeze(-1)).view({T, E * r});
+    y.addmm_(u, cat_lora_b(lora_b).t());  // accumulate into y: beta = 1, no temporary
+  } else {
+    hidden = at::zeros({T * top_k, r}, X.options());  // [T*k, r], slot-major
+    at::Tensor ws = (w.reshape({-1}) * scaling).to(x.scalar_type());  // [T*k]
+    const ExpertSegments seg = segment_by_expert(idx, E);
+    int64_t start = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = seg.counts[e];
+      if (n == 0) continue;
+      at::Tensor rows = seg.order.narrow(0, start, n);  // slot ids routed to e
+      start += n;
+      at::Tensor tok = at::floor_divide(rows, top_k);   // their tokens
+      at::Tensor he = at::mm(Xd.index_select(0, tok), lora_a[e].t());  // [n, r]
+      hidden.index_copy_(0, rows, he);
+      at::Tensor ue = he * ws.index_select(0, rows).unsqueeze(1);      // [n, r]
+      y.index_add_(0, tok, at::mm(ue, lora_b[e].t()));                 // [n, out]
+    }
+    hidden = hidden.view({T, top_k, r});
+  }
+  return {y.view(y_shape), logits, hidden};
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_lora_aten(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
+    double scaling, double dropout_p, bool training, int64_t compute,
+    const std::optional<at::Tensor>& dropout_seed) {
+  auto [y, logits, hidden] = moe_lora_forward_aten(x, weight, bias, router, lora_a, lora_b, top_k,
+                                                   scaling, dropout_p, training, compute,
+                                                   dropout_seed);
+  return {y, logits};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_router_logits,
+                       const at::Tensor& x, const at::Tensor& weight, const at::Tensor& router,
+                       const at::Tensor& lora_a, const at::Tensor& lora_b,
+                       const at::Tensor& router_logits, const at::Tensor& lora_hidden,
+                       int64_t top_k, double scaling, double dropout_p, bool training,
+                       int64_t compute, const std::optional<at::Tensor>& dropout_seed,
+                       std::array<bool, 6> output_mask) {
+  const int64_t in = x.size(-1), out = weight.size(0), E = router.size(0), r = lora_a.size(1);
+  const int64_t mode = static_cast<int64_t>(
+      ops::resolve_compute(static_cast<ops::Compute>(compute), E, r));
+  const auto dtype = x.scalar_type();
+  const auto rdtype = routing_dtype(dtype);
+  at::Tensor X = x.reshape({-1, in});             // [T, in]
+  at::Tensor dY = grad_y.reshape({-1, out});      // [T, out]
+  const int64_t T = X.size(0);
+  const bool need_x = output_mask[0], need_router = output_mask[3];
+  const bool need_a = output_mask[4], need_b = output_mask[5];
+
+  at::Tensor grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b;
+  if (output_mask[1]) grad_weight = at::mm(dY.t(), X);
+  if (output_mask[2]) grad_bias = dY.sum(0);
+  if (need_x) grad_x = at::mm(dY, weight);  // base: dy W
+  if (!(need_x || need_router || need_a || need_b)) {
+    return {grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b};
+  }
+
+  auto [w, idx, gate] = ops::moe_lora_route(router_logits, top_k);
+  const bool dropout = dropout_active(dropout_p, training);
+  at::Tensor mask = dropout ? ops::dropout_mask(*dropout_seed, T, in, dropout_p)
+                                  .to(x.device(), dtype)
+                            : at::Tensor();
+  at::Tensor Xd = dropout ? X * mask : X;  // x~ [T, in]
+
+  at::Tensor dw;    // d loss / d w at the routed slots, fp32 [T, k]
+  at::Tensor dXd;   // d loss / d x~ from the experts [T, in]
+  if (mode == kDense) {
+    at::Tensor B_cat = cat_lora_b(lora_b);                  // [out, E*r]
+    at::Tensor h3 = lora_hidden.view({T, E, r});
+    at::Tensor g = (gate * scaling).to(dtype).unsqueeze(-1);  // [T, E, 1]
+    at::Tensor dU3 = at::mm(dY, B_cat).view({T, E, r});     // du = dy B_cat
+    if (need_b) {
+      at::Tensor u = (h3 * g).view({T, E * r});
+      grad_b = at::mm(dY.t(), u).view({out, E, r}).permute({1, 0, 2}).contiguous();
+    }
+    at::Tensor dH = (dU3 * g).view({T, E * r});             // dh = s g (.) du
+    // dg[t, e] = s * sum_r du * h, reduced in the routing dtype (fp32 or wider)
+    at::Tensor dg = (dU3 * h3).sum(-1, false, rdtype) * scaling;  // [T, E]
+    dw = dg.gather(1, idx);
+    if (need_a) grad_a = at::mm(dH.t(), Xd).view({E, r, in});
+    if (need_x) dXd = at::mm(dH, lora_a.reshape({E * r, in}));
+  } else {
+    at::Tensor h2 = lora_hidden.reshape({T * top_k, r});
+    at::Tensor ws = (w.reshape({-1}) * scaling).to(dtype);  // [T*k]
+    at::Tensor dw_flat = at::zeros({T * top_k}, X.options().dtype(rdtype));
+    if (need_x) dXd = at::zeros({T, in}, X.options());
+    if (need_a) grad_a = at::zeros_like(lora_a);
+    if (need_b) grad_b = at::zeros_like(lora_b);
+    const ExpertSegments seg = segment_by_expert(idx, E);
+    int64_t start = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = seg.counts[e];
+      if (n == 0) continue;
+      at::Tensor rows = seg.order.narrow(0, start, n);
+      start += n;
+      at::Tensor tok = at::floor_divide(rows, top_k);
+      at::Tensor dYe = dY.index_select(0, tok);               // [n, out]
+      at::Tensor he = h2.index_select(0, rows);               // [n, r]
+      at::Tensor we = ws.index_select(0, rows).unsqueeze(1);  // [n, 1]
+      at::Tensor dUe = at::mm(dYe, lora_b[e]);                // [n, r]
+      dw_flat.index_copy_(0, rows, (dUe * he).sum(-1, false, rdtype) * scaling);
+      if (need_b) grad_b[e].copy_(at::mm(dYe.t(), he * we));  // [out, r]
+      at::Tensor dHe = dUe * we;                              // [n, r]
+      if (need_a) grad_a[e].copy_(at::mm(dHe.t(), Xd.index_select(0, tok)));  // [r, in]
+      if (need_x) dXd.index_add_(0, tok, at::mm(dHe, lora_a[e]));             // [n, in]
+    }
+    dw = dw_flat.view({T, top_k});
+  }
+  if (need_x) grad_x.add_(dropout ? dXd * mask : dXd);  // dropout backward: same mask
+
+  if (need_x || need_router) {
+    // Through the renormalisation w = v / sum(v) (skipped when k == E, where w = P),
+    // then the softmax: dz = P (.) (dP - sum_e dP_e P_e), in the routing dtype.
+    at::Tensor P = at::softmax(router_logits.to(rdtype), -1);  // [T, E]
+    at::Tensor dP;
+    if (top_k == E) {
+      dP = at::zeros_like(P).scatter_(1, idx, dw);
+    } else {
+      at::Tensor v = P.gather(1, idx);                   // [T, k]
+      at::Tensor sum_v = v.sum(-1, /*keepdim=*/true);
+      at::Tensor dv = (dw - (dw * w).sum(-1, /*keepdim=*/true)) / sum_v;
+      dP = at::zeros_like(P).scatter_(1, idx, dv);
+    }
+    at::Tensor dz = P * (dP - (dP * P).sum(-1, /*keepdim=*/true));
+    if (grad_router_logits && grad_router_logits->defined()) {
+      dz = dz + grad_router_logits->reshape({T, E}).to(rdtype);
+    }
+    dz = dz.to(dtype);
+    if (need_router) grad_router = at::mm(dz.t(), X);  // [E, in]
+    if (need_x) grad_x.addmm_(dz, router);           // dx += dz Wr
+  }
+  if (need_x) grad_x = grad_x.view(x.sizes());
+  return {grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b};
+}
+
+}  // namespace mola::detail
+
+TORCH_LIBRARY_IMPL(mola, CPU, m) {
+  m.impl("moe_lora", &mola::detail::moe_lora_aten);
+  m.impl("_moe_lora_forward", &mola::detail::moe_lora_forward_aten);
+  m.impl("_moe_lora_backward", &mola::detail::moe_lora_backward_aten);
+}

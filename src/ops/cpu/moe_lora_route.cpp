@@ -1,0 +1,68 @@
+// CPU routing and dropout mask of the moe_lora family, in ATen. Both are also
+// what the forward and backward call on the CPU (through the dispatcher), so the
+// routing a forward used is recomputed bit for bit in its backward.
+#include "ops/moe_lora_impl.h"
+
+#include <philox.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace mola::detail {
+namespace {
+
+// Softmax over all experts in fp32 (fp64 for fp64 logits), top-k, renormalise over the chosen ones: the
+// authors' routing (methods.md 1.1). With k == E every expert is chosen and the
+// weights are the softmax itself, with no renormalisation (methods.md 1.1:
+// "routing is dense").
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_cpu(const at::Tensor& logits,
+                                                                  int64_t top_k) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "moe_lora_route: router_logits must be [tokens, experts]; got ",
+                    logits.sizes());
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, "moe_lora_route: top_k (", top_k,
+                    ") must be between 1 and the number of experts (", E, ")");
+  at::Tensor probs = at::softmax(logits.to(routing_dtype(logits.scalar_type())), -1);  // [T, E]
+  if (top_k == E) {
+    at::Tensor idx = at::arange(E, logits.options().dtype(at::kLong)).expand({T, E}).contiguous();
+    return {probs, idx, probs.clone()};
+  }
+  auto [v, idx] = probs.topk(top_k, -1, /*largest=*/true, /*sorted=*/true);  // [T, k]
+  at::Tensor w = v / v.sum(-1, /*keepdim=*/true);
+  at::Tensor gate = at::zeros_like(probs).scatter_(1, idx, w);  // [T, E]
+  return {w, idx, gate};
+}
+
+// The mask contract of kernels/philox.h: element i of the flattened [rows, cols]
+// input keeps iff its Philox uniform is >= p; kept elements scale by 1/(1-p).
+at::Tensor dropout_mask_cpu(const at::Tensor& seed_tensor, int64_t rows, int64_t cols, double p) {
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "_dropout_mask: rows (", rows, ") and cols (", cols,
+                    ") must be >= 0");
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "_dropout_mask: p (", p, ") must be in [0, 1)");
+  const auto seed = static_cast<uint64_t>(read_dropout_seed(seed_tensor));
+  at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+  float* out = mask.data_ptr<float>();
+  const int64_t n = rows * cols;
+  const float pf = static_cast<float>(p);
+  const float scale = 1.0f / (1.0f - pf);
+  const int64_t groups = (n + 3) / 4;
+  at::parallel_for(0, groups, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const philox::Uniform4 u = philox::dropout_uniform4(seed, static_cast<uint64_t>(g));
+      const float lanes[4] = {u.x, u.y, u.z, u.w};
+      const int64_t base = g * 4;
+      const int64_t count = std::min<int64_t>(4, n - base);
+      for (int64_t j = 0; j < count; ++j) out[base + j] = lanes[j] >= pf ? scale : 0.0f;
+    }
+  });
+  return mask;
+}
+
+}  // namespace
+}  // namespace mola::detail
+
+TORCH_LIBRARY_IMPL(mola, CPU, m) {
+  m.impl("moe_lora_route", &mola::detail::moe_lora_route_cpu);
+  m.impl("_dropout_mask", &mola::detail::dropout_mask_cpu);
+}

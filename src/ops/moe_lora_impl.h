@@ -1,0 +1,65 @@
+// Private declarations shared by the moe_lora backends: the schema file
+// (src/ops/moe_lora.cpp), the ATen implementation (src/ops/cpu/), the CUDA
+// registration (src/ops/cuda/) and the autograd function (src/ops/autograd/).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace mola::detail {
+
+// Argument checks shared by every backend; messages name the argument, what it
+// got, what it must be and how to fix it (style.md, Errors).
+void check_moe_lora_args(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& router,
+                         const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
+                         double dropout_p, bool training, int64_t compute,
+                         const std::optional<at::Tensor>& dropout_seed);
+
+// The forward with the tensor the backward needs: y [..., out], router logits
+// [T, E] and lora_hidden = dropout(x) A^T, laid out per strategy: dense
+// [T, E*r] (every expert), grouped [T, k, r] (the routed slots only).
+// `compute` must already be resolved (1 dense or 2 grouped).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
+    double scaling, double dropout_p, bool training, int64_t compute,
+    const std::optional<at::Tensor>& dropout_seed);
+
+// Gradients of x, weight, bias, router, lora_a, lora_b (output_mask says which
+// to compute; the others come back undefined). grad_router_logits is the
+// gradient reaching the logits output directly (from the balance loss).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_router_logits,
+                       const at::Tensor& x, const at::Tensor& weight, const at::Tensor& router,
+                       const at::Tensor& lora_a, const at::Tensor& lora_b,
+                       const at::Tensor& router_logits, const at::Tensor& lora_hidden,
+                       int64_t top_k, double scaling, double dropout_p, bool training,
+                       int64_t compute, const std::optional<at::Tensor>& dropout_seed,
+                       std::array<bool, 6> output_mask);
+
+// The public forward for backends without autograd in play: the forward above
+// minus lora_hidden.
+std::tuple<at::Tensor, at::Tensor> moe_lora_aten(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
+    double scaling, double dropout_p, bool training, int64_t compute,
+    const std::optional<at::Tensor>& dropout_seed);
+
+// The dtype routing and its reductions run in: fp32 for fp32 and narrower
+// inputs (the authors' fp32 softmax, methods.md 1.1), fp64 for fp64 inputs so
+// float64 checks (gradcheck, the reference to 1e-10) are not capped at fp32.
+inline at::ScalarType routing_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Whether dropout touches the expert input in this call.
+inline bool dropout_active(double dropout_p, bool training) { return training && dropout_p > 0.0; }
+
+// The seed's value (an int64 tensor of one element).
+int64_t read_dropout_seed(const std::optional<at::Tensor>& dropout_seed);
+
+}  // namespace mola::detail

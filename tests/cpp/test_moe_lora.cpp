@@ -1,0 +1,155 @@
+// The moe_lora op from C++ (through the dispatcher, autograd included) against a
+// plain per-expert loop written here, in float64: forward, the gradients of x,
+// router, lora_a and lora_b, both strategies; and mola::nn::MoLALinear.
+#include <mola/nn/moe_lora_linear.h>
+#include <mola/ops.h>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+namespace {
+
+using mola::ops::Compute;
+
+struct Case {
+  int64_t experts, top_k, rank;
+  bool bias;
+};
+
+// The authors' loop (methods.md 1.1), token by token and slot by slot.
+at::Tensor loop_reference(const at::Tensor& X, const at::Tensor& W, const at::Tensor& b,
+                          const at::Tensor& Wr, const at::Tensor& A, const at::Tensor& B,
+                          int64_t k, double s) {
+  const int64_t T = X.size(0), E = Wr.size(0);
+  at::Tensor y = at::mm(X, W.t());
+  if (b.defined()) y = y + b;
+  at::Tensor P = at::softmax(at::mm(X, Wr.t()), -1);  // float64 here: fp64 routing
+  std::vector<at::Tensor> rows;
+  for (int64_t t = 0; t < T; ++t) {
+    at::Tensor p = P[t];
+    at::Tensor w, idx;
+    if (k == E) {
+      w = p;
+      idx = at::arange(E);
+    } else {
+      std::tie(w, idx) = p.topk(k);
+      w = w / w.sum();
+    }
+    at::Tensor yt = y[t].clone();
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = idx[j].item<int64_t>();
+      yt = yt + s * w[j] * at::mv(B[e], at::mv(A[e], X[t]));
+    }
+    rows.push_back(yt);
+  }
+  return at::stack(rows);
+}
+
+class MoeLoraVsLoop : public ::testing::TestWithParam<std::tuple<Case, Compute>> {};
+
+TEST_P(MoeLoraVsLoop, ForwardAndGradientsMatchInFloat64) {
+  const auto [c, compute] = GetParam();
+  torch::manual_seed(7);
+  const int64_t T = 9, in = 6, out = 5;
+  auto opts = torch::TensorOptions().dtype(torch::kFloat64);
+  auto leaf = [&](std::vector<int64_t> shape) {
+    return torch::randn(shape, opts).requires_grad_(true);
+  };
+  at::Tensor X = leaf({T, in}), Wr = leaf({c.experts, in}), A = leaf({c.experts, c.rank, in}),
+             B = leaf({c.experts, out, c.rank});
+  at::Tensor W = torch::randn({out, in}, opts), b = c.bias ? torch::randn({out}, opts) : at::Tensor();
+  const double s = 16.0 / static_cast<double>(c.rank);
+  std::optional<at::Tensor> bias = c.bias ? std::optional<at::Tensor>(b) : std::nullopt;
+
+  auto [y, logits] = mola::ops::moe_lora(X, W, bias, Wr, A, B, c.top_k, s, 0.0, false, compute);
+  at::Tensor y_ref = loop_reference(X, W, b, Wr, A, B, c.top_k, s);
+  ASSERT_TRUE(torch::allclose(y, y_ref, 0, 1e-10)) << (y - y_ref).abs().max();
+  ASSERT_TRUE(torch::allclose(logits, at::mm(X, Wr.t()), 0, 1e-12));
+
+  // A random functional of y plus one of the logits, so the logits' own gradient
+  // path (the balance loss's) is checked too.
+  at::Tensor gy = torch::randn_like(y), gl = torch::randn_like(logits);
+  auto loss = (y * gy).sum() + (logits * gl).sum();
+  auto grads = torch::autograd::grad({loss}, {X, Wr, A, B});
+  auto loss_ref = (y_ref * gy).sum() + (at::mm(X, Wr.t()) * gl).sum();
+  auto refs = torch::autograd::grad({loss_ref}, {X, Wr, A, B});
+  const char* names[] = {"x", "router", "lora_a", "lora_b"};
+  for (size_t i = 0; i < grads.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(grads[i], refs[i], 0, 1e-10))
+        << "grad of " << names[i] << " differs by " << (grads[i] - refs[i]).abs().max();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, MoeLoraVsLoop,
+    ::testing::Combine(::testing::Values(Case{1, 1, 1, true}, Case{2, 1, 8, false},
+                                         Case{2, 2, 1, true}, Case{5, 2, 8, true},
+                                         Case{8, 2, 8, false}, Case{8, 8, 1, true}),
+                       ::testing::Values(Compute::kDense, Compute::kGrouped)));
+
+TEST(MoeLora, DenseAndGroupedAgreeWithDropout) {
+  torch::manual_seed(3);
+  auto X = torch::randn({33, 16}), W = torch::randn({12, 16}), Wr = torch::randn({8, 16}),
+       A = torch::randn({8, 4, 16}), B = torch::randn({8, 12, 4});
+  auto seed = torch::tensor({int64_t{1234}});
+  auto [yd, ld] = mola::ops::moe_lora(X, W, std::nullopt, Wr, A, B, 2, 2.0, 0.25, true,
+                                      Compute::kDense, seed);
+  auto [yg, lg] = mola::ops::moe_lora(X, W, std::nullopt, Wr, A, B, 2, 2.0, 0.25, true,
+                                      Compute::kGrouped, seed);
+  EXPECT_TRUE(torch::allclose(yd, yg, 1e-5, 1e-5));
+  auto [y_eval, l_eval] = mola::ops::moe_lora(X, W, std::nullopt, Wr, A, B, 2, 2.0, 0.25, false,
+                                              Compute::kDense, seed);
+  EXPECT_FALSE(torch::allclose(yd, y_eval)) << "dropout in training must change the output";
+}
+
+TEST(MoeLora, ErrorsNameTheArgument) {
+  auto X = torch::randn({4, 6}), W = torch::randn({5, 6}), Wr = torch::randn({3, 6}),
+       A = torch::randn({3, 2, 6}), B = torch::randn({3, 5, 2});
+  auto message = [&](auto&& call) {
+    try {
+      call();
+    } catch (const c10::Error& e) {
+      return std::string(e.what_without_backtrace());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message([&] { mola::ops::moe_lora(X, W, std::nullopt, Wr, A, B, 4, 1.0); })
+                .find("top_k (4)"),
+            std::string::npos);
+  EXPECT_NE(message([&] {
+              mola::ops::moe_lora(X, W, std::nullopt, Wr, torch::randn({3, 2, 7}), B, 1, 1.0);
+            }).find("lora_a"),
+            std::string::npos);
+  EXPECT_NE(message([&] { mola::ops::moe_lora(X, W, std::nullopt, Wr, A, B, 1, 1.0, 0.1, true); })
+                .find("dropout_seed"),
+            std::string::npos);
+}
+
+TEST(MoLALinear, StartsAsTheBaseLayerAndTrainsOnlyTheAdapter) {
+  torch::manual_seed(0);
+  mola::nn::MoLALinear layer(mola::nn::MoLALinearOptions(16, 8).num_experts(4).top_k(2).rank(4));
+  auto x = torch::randn({3, 5, 16});
+  auto y = layer->forward(x);
+  EXPECT_TRUE(torch::equal(y, layer->base->forward(x)));
+  EXPECT_EQ(layer->router_logits.sizes(), (std::vector<int64_t>{15, 4}));
+  auto names = layer->named_parameters().keys();
+  EXPECT_EQ(names, (std::vector<std::string>{"router", "lora_a", "lora_b", "base.weight",
+                                             "base.bias"}));
+  y.sum().backward();
+  EXPECT_TRUE(layer->lora_b.grad().defined());
+  EXPECT_TRUE(layer->lora_b.grad().abs().sum().item<float>() > 0);
+  EXPECT_FALSE(layer->base->weight.grad().defined());
+  const double bound = 1.0 / std::sqrt(16.0);
+  EXPECT_LE(layer->lora_a.abs().max().item<double>(), bound);
+  EXPECT_LE(layer->router.abs().max().item<double>(), bound);
+}
+
+TEST(LoadBalancingLoss, UniformRoutingGivesOnePerLayer) {
+  // Equal logits: P = 1/E everywhere and topk picks ties by index, so f is not
+  // uniform but Pbar is; E * sum f_e / E = 1 per layer whatever f is.
+  auto logits = torch::zeros({10, 4});
+  auto loss = mola::ops::load_balancing_loss({logits, torch::zeros({6, 2})}, {2, 1}, 0.5);
+  EXPECT_NEAR(loss.item<double>(), 0.5 * 2.0, 1e-6);
+}
+
+}  // namespace

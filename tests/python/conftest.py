@@ -1,0 +1,21 @@
+"""pytest set-up shared by the Python tests."""
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401
+
+
+def _inductor_cache_dir() -> str:
+    # Inductor's on-disk cache keys graphs by their Python-visible form, not by the
+    # C++ schema of custom ops; a rebuilt libmola whose op changed could be served a
+    # stale graph. One cache per build of libmola keeps the reuse and drops the risk.
+    import importlib.util
+    spec = importlib.util.find_spec("mola._C")
+    stat = Path(spec.origin).stat() if spec and spec.origin else None
+    key = hashlib.sha1(f"{stat.st_size}-{stat.st_mtime_ns}".encode() if stat else b"none")
+    return os.path.join(tempfile.gettempdir(), f"mola-inductor-{key.hexdigest()[:12]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
