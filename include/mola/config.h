@@ -122,7 +122,8 @@ struct AdapterConfig {
   // Keys are exactly keys(); per-layer specs keep their spelling.
   nlohmann::json to_json() const;
 
-  // Everything that can be checked without the number of layers.
+  // Everything that can be checked without the number of layers (top_k <=
+  // experts only when both are plain ints; resolve() checks every layer).
   void validate() const;
   // Expands every per-layer setting for a model with num_layers layers and
   // checks top_k <= experts in each layer.

@@ -4,6 +4,8 @@
 #include <mola/nn/moe_lora_linear.h>
 #include <mola/ops.h>
 
+#include <philox.h>
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -150,6 +152,35 @@ TEST(LoadBalancingLoss, UniformRoutingGivesOnePerLayer) {
   auto logits = torch::zeros({10, 4});
   auto loss = mola::ops::load_balancing_loss({logits, torch::zeros({6, 2})}, {2, 1}, 0.5);
   EXPECT_NEAR(loss.item<double>(), 0.5 * 2.0, 1e-6);
+}
+
+}  // namespace
+
+namespace {
+
+// The CPU op generates the mask 64 elements at a time (vectorised, with an AVX2
+// clone): it must give exactly the scalar definition of kernels/philox.h, on
+// sizes that are not multiples of the block, and dropout must apply exactly it.
+TEST(DropoutMask, BlockGeneratorEqualsTheScalarDefinition) {
+  const int64_t seed = 0x1234567890abcdefLL;
+  const double p = 0.3;
+  at::Tensor mask = mola::ops::dropout_mask(torch::tensor({seed}), 7, 97, p);
+  ASSERT_EQ(mask.sizes(), (std::vector<int64_t>{7, 97}));
+  const float* m = mask.data_ptr<float>();
+  const float scale = mola::philox::dropout_scale(static_cast<float>(p));
+  for (int64_t i = 0; i < mask.numel(); ++i) {
+    const bool keep = mola::philox::dropout_keep(static_cast<uint64_t>(seed), i, 0.3f);
+    ASSERT_EQ(m[i], keep ? scale : 0.0f) << "element " << i;
+  }
+  // Through the op: an identity-like layer exposes x~ in the expert path.
+  auto X = torch::randn({7, 97}, torch::kFloat64);
+  auto W = torch::zeros({97, 97}, torch::kFloat64);
+  auto A = torch::eye(97, torch::kFloat64).unsqueeze(0);   // one expert, rank 97: h = x~
+  auto B = torch::eye(97, torch::kFloat64).unsqueeze(0);
+  auto Wr = torch::zeros({1, 97}, torch::kFloat64);
+  auto [y, logits] = mola::ops::moe_lora(X, W, std::nullopt, Wr, A, B, 1, 1.0, p, true,
+                                         Compute::kDense, torch::tensor({seed}));
+  EXPECT_TRUE(torch::equal(y, X * mask.to(torch::kFloat64)));
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 // Routing and the dropout mask come through the dispatcher (mola::moe_lora_route,
 // mola::_dropout_mask), so the backward recomputes exactly what the forward used.
 #include "ops/moe_lora_impl.h"
+#include "ops/cpu/dropout.h"
 
 #include <mola/ops.h>
 
@@ -19,12 +20,27 @@ namespace {
 
 constexpr int64_t kDense = static_cast<int64_t>(ops::Compute::kDense);
 
-// x~ = x * mask, or x itself when dropout is off. [T, in]
+// x * mask(seed) for a [T, in] matrix: one fused pass on the CPU; elsewhere
+// (until the CUDA kernels of issue 5) the host-made mask, copied over. Both
+// compute in fp32 (fp64 for fp64) and round once, as dropout.h defines.
+at::Tensor apply_dropout(const at::Tensor& X, double p, const std::optional<at::Tensor>& seed) {
+  const auto s = static_cast<uint64_t>(read_dropout_seed(seed));
+  if (X.device().is_cpu()) return dropout_apply_cpu(X.contiguous(), s, p);
+  const auto acc = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mask = dropout_mask_values_cpu(s, X.size(0), X.size(1), p).to(X.device(), acc);
+  return (X.to(acc) * mask).to(X.scalar_type());
+}
+
+// x~ = dropout(x), or x itself when dropout is off. [T, in]
 at::Tensor dropout_input(const at::Tensor& X, double p, bool training,
                          const std::optional<at::Tensor>& seed) {
-  if (!dropout_active(p, training)) return X;
-  at::Tensor mask = ops::dropout_mask(*seed, X.size(0), X.size(1), p);
-  return X * mask.to(X.device(), X.scalar_type());
+  return dropout_active(p, training) ? apply_dropout(X, p, seed) : X;
+}
+
+// [Wr; A_cat]: [E + E*r, in], the router's rows then every expert's A rows.
+// One GEMM against it reads x once for the logits and the expert inputs.
+at::Tensor shrink_weight(const at::Tensor& router, const at::Tensor& lora_a) {
+  return at::cat({router, lora_a.reshape({-1, lora_a.size(2)})}, 0);
 }
 
 // B [E, out, r] -> B_cat [out, E*r], the expand weight of the dense strategy.
@@ -64,14 +80,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out;
 
-  at::Tensor logits = at::mm(X, router.t());  // [T, E], no dropout on the router input
+  const bool dropout = dropout_active(dropout_p, training);
+  at::Tensor logits, hidden;  // [T, E], and per strategy (see moe_lora_impl.h)
+  if (mode == kDense && !dropout) {
+    // Router and every expert's A read x in one GEMM: [T, E + E*r] = x [Wr; A_cat]^T.
+    at::Tensor fused = at::mm(X, shrink_weight(router, lora_a).t());
+    logits = fused.narrow(1, 0, E).contiguous();
+    hidden = fused.narrow(1, E, E * r).contiguous();  // [T, E*r]
+  } else {
+    logits = at::mm(X, router.t());  // no dropout on the router input
+  }
   auto [w, idx, gate] = ops::moe_lora_route(logits, top_k);  // [T,k], [T,k], [T,E]
   at::Tensor Xd = dropout_input(X, dropout_p, training, dropout_seed);
   at::Tensor y = at::linear(X, weight, bias).contiguous();  // [T, out], exactly nn.Linear
 
-  at::Tensor hidden;
   if (mode == kDense) {
-    hidden = at::mm(Xd, lora_a.reshape({E * r, in}).t());  // [T, E*r]
+    if (!hidden.defined()) hidden = at::mm(Xd, lora_a.reshape({E * r, in}).t());  // [T, E*r]
     at::Tensor g = (gate * scaling).to(x.scalar_type());    // [T, E]
     at::Tensor u = (hidden.view({T, E, r}) * g.unsqueeze(-1)).view({T, E * r});
     y.addmm_(u, cat_lora_b(lora_b).t());  // accumulate into y: beta = 1, no temporary
@@ -136,13 +160,13 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
 
   auto [w, idx, gate] = ops::moe_lora_route(router_logits, top_k);
   const bool dropout = dropout_active(dropout_p, training);
-  at::Tensor mask = dropout ? ops::dropout_mask(*dropout_seed, T, in, dropout_p)
-                                  .to(x.device(), dtype)
-                            : at::Tensor();
-  at::Tensor Xd = dropout ? X * mask : X;  // x~ [T, in]
+  at::Tensor Xd;  // x~ [T, in], regenerated from the seed when a product needs it
+  bool dXd_masked = false;  // whether dXd already went through the dropout mask
+  if (need_a && mode != kDense) Xd = dropout_input(X, dropout_p, training, dropout_seed);
 
-  at::Tensor dw;    // d loss / d w at the routed slots, fp32 [T, k]
+  at::Tensor dw;    // d loss / d w at the routed slots [T, k], routing dtype
   at::Tensor dXd;   // d loss / d x~ from the experts [T, in]
+  at::Tensor dH;    // dense: d loss / d h [T, E*r], folded into the router's products below
   if (mode == kDense) {
     at::Tensor B_cat = cat_lora_b(lora_b);                  // [out, E*r]
     at::Tensor h3 = lora_hidden.view({T, E, r});
@@ -152,12 +176,23 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
       at::Tensor u = (h3 * g).view({T, E * r});
       grad_b = at::mm(dY.t(), u).view({out, E, r}).permute({1, 0, 2}).contiguous();
     }
-    at::Tensor dH = (dU3 * g).view({T, E * r});             // dh = s g (.) du
+    dH = (dU3 * g).view({T, E * r});                        // dh = s g (.) du
     // dg[t, e] = s * sum_r du * h, reduced in the routing dtype (fp32 or wider)
     at::Tensor dg = (dU3 * h3).sum(-1, false, rdtype) * scaling;  // [T, E]
     dw = dg.gather(1, idx);
-    if (need_a) grad_a = at::mm(dH.t(), Xd).view({E, r, in});
-    if (need_x) dXd = at::mm(dH, lora_a.reshape({E * r, in}));
+    if (dropout) {  // x~ differs from x: the expert and router products stay apart
+      if (need_x) dXd = at::mm(dH, lora_a.reshape({E * r, in}));
+      if (need_x && need_a && X.device().is_cpu()) {
+        // One mask generation for both of its uses: x~ for dA, and dx~ -> dx.
+        Xd = dropout_apply_pair_cpu(X.contiguous(), dXd,
+                                    static_cast<uint64_t>(read_dropout_seed(dropout_seed)),
+                                    dropout_p);
+        dXd_masked = true;
+      } else if (need_a) {
+        Xd = dropout_input(X, dropout_p, training, dropout_seed);
+      }
+      if (need_a) grad_a = at::mm(dH.t(), Xd).view({E, r, in});
+    }
   } else {
     at::Tensor h2 = lora_hidden.reshape({T * top_k, r});
     at::Tensor ws = (w.reshape({-1}) * scaling).to(dtype);  // [T*k]
@@ -185,9 +220,12 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
     }
     dw = dw_flat.view({T, top_k});
   }
-  if (need_x) grad_x.add_(dropout ? dXd * mask : dXd);  // dropout backward: same mask
+  if (need_x && dXd.defined()) {  // through dropout: the same mask, regenerated
+    grad_x.add_(dropout && !dXd_masked ? apply_dropout(dXd, dropout_p, dropout_seed) : dXd);
+  }
+  const bool fold = mode == kDense && !dropout;  // dense, no dropout: [dz | dH] in one GEMM each
 
-  if (need_x || need_router) {
+  if (need_x || need_router || (need_a && mode == kDense && !dropout)) {
     // Through the renormalisation w = v / sum(v) (skipped when k == E, where w = P),
     // then the softmax: dz = P (.) (dP - sum_e dP_e P_e), in the routing dtype.
     at::Tensor P = at::softmax(router_logits.to(rdtype), -1);  // [T, E]
@@ -205,8 +243,18 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
       dz = dz + grad_router_logits->reshape({T, E}).to(rdtype);
     }
     dz = dz.to(dtype);
-    if (need_router) grad_router = at::mm(dz.t(), X);  // [E, in]
-    if (need_x) grad_x.addmm_(dz, router);           // dx += dz Wr
+    if (fold) {
+      at::Tensor dzh = at::cat({dz, dH}, 1);  // [T, E + E*r]
+      if (need_router || need_a) {
+        at::Tensor g_cat = at::mm(dzh.t(), X);  // [dWr; dA_cat] = [dz | dH]^T x
+        if (need_router) grad_router = g_cat.narrow(0, 0, E).contiguous();
+        if (need_a) grad_a = g_cat.narrow(0, E, E * r).reshape({E, r, in});
+      }
+      if (need_x) grad_x.addmm_(dzh, shrink_weight(router, lora_a));  // dx += [dz | dH] [Wr; A_cat]
+    } else {
+      if (need_router) grad_router = at::mm(dz.t(), X);  // [E, in]
+      if (need_x) grad_x.addmm_(dz, router);           // dx += dz Wr
+    }
   }
   if (need_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b};

@@ -1,12 +1,11 @@
-// CPU routing and dropout mask of the moe_lora family, in ATen. Both are also
+// CPU routing and dropout mask of the moe_lora family. Both are also
 // what the forward and backward call on the CPU (through the dispatcher), so the
 // routing a forward used is recomputed bit for bit in its backward.
 #include "ops/moe_lora_impl.h"
 
-#include <philox.h>
+#include "ops/cpu/dropout.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 namespace mola::detail {
@@ -40,23 +39,8 @@ at::Tensor dropout_mask_cpu(const at::Tensor& seed_tensor, int64_t rows, int64_t
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "_dropout_mask: rows (", rows, ") and cols (", cols,
                     ") must be >= 0");
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "_dropout_mask: p (", p, ") must be in [0, 1)");
-  const auto seed = static_cast<uint64_t>(read_dropout_seed(seed_tensor));
-  at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
-  float* out = mask.data_ptr<float>();
-  const int64_t n = rows * cols;
-  const float pf = static_cast<float>(p);
-  const float scale = 1.0f / (1.0f - pf);
-  const int64_t groups = (n + 3) / 4;
-  at::parallel_for(0, groups, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const philox::Uniform4 u = philox::dropout_uniform4(seed, static_cast<uint64_t>(g));
-      const float lanes[4] = {u.x, u.y, u.z, u.w};
-      const int64_t base = g * 4;
-      const int64_t count = std::min<int64_t>(4, n - base);
-      for (int64_t j = 0; j < count; ++j) out[base + j] = lanes[j] >= pf ? scale : 0.0f;
-    }
-  });
-  return mask;
+  return dropout_mask_values_cpu(static_cast<uint64_t>(read_dropout_seed(seed_tensor)), rows, cols,
+                                 p);
 }
 
 }  // namespace

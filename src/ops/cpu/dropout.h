@@ -1,0 +1,28 @@
+// The dropout of moe_lora on the CPU, applied in one pass: the Philox mask of
+// kernels/philox.h is generated block by block and multiplied into the data, so
+// no mask tensor is stored between forward and backward (design section 4: the
+// mask is regenerated from its seed).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace mola::detail {
+
+// x~ = x * mask(seed) for a contiguous x seen as a flat array (element i of
+// x.view(-1) uses mask element i): kept elements times 1/(1-p), computed in fp32
+// (fp64 for fp64 x) and rounded to x's dtype.
+at::Tensor dropout_apply_cpu(const at::Tensor& x, uint64_t seed, double p);
+
+// The same, in place (the backward's dx~ -> dx).
+void dropout_apply_cpu_(at::Tensor& x, uint64_t seed, double p);
+
+// Backward's two uses of one mask in a single pass: returns x~ = x * mask and
+// multiplies grad (dx~ -> dx) by the same mask in place. Both contiguous, same shape.
+at::Tensor dropout_apply_pair_cpu(const at::Tensor& x, at::Tensor& grad, uint64_t seed, double p);
+
+// The multiplier itself as float [rows, cols]: 0 or 1/(1-p).
+at::Tensor dropout_mask_values_cpu(uint64_t seed, int64_t rows, int64_t cols, double p);
+
+}  // namespace mola::detail
