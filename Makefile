@@ -46,7 +46,8 @@ $(STAMP): requirements.txt
 # mola itself: the C++ library, its tests and the Python package, from one CMake build.
 build: setup
 	$(PIP) install -q --no-build-isolation --no-deps \
-	  -C cmake.define.MOLA_BUILD_TESTS=ON -C build.verbose=false .
+	  -C cmake.define.MOLA_BUILD_TESTS=ON -C cmake.define.MOLA_BUILD_EXAMPLES=ON \
+	  -C build.verbose=false .
 
 test-cpp: build
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS) --no-tests=error

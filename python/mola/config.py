@@ -113,14 +113,7 @@ class MoLAConfig:
     def from_json(cls, path_or_str: Union[str, os.PathLike]) -> "MoLAConfig":
         """Build from a JSON file, or from JSON text (a string starting with '{')."""
         if isinstance(path_or_str, str) and path_or_str.lstrip().startswith(("{", "[")):
-            try:
-                d = json.loads(path_or_str)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"adapter config is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; "
-                    "check for a missing comma, quote or brace"
-                ) from None
-            return cls.from_dict(d)
+            return cls.from_dict(_loads(path_or_str, "adapter config"))
 
         path = os.fspath(path_or_str)
         if not os.path.exists(path):
@@ -132,13 +125,7 @@ class MoLAConfig:
             raise IsADirectoryError(f"adapter config file {path!r} is a directory; give the JSON file inside it")
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"adapter config file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; "
-                "check for a missing comma, quote or brace"
-            ) from None
+        d = _loads(text, f"adapter config file {path!r}")
         if not isinstance(d, dict):
             raise ValueError(f"adapter config file {path!r} must hold a JSON object such as {{\"experts\": 8}}")
         try:
@@ -182,6 +169,17 @@ class MoLAConfig:
     def _normalized(self) -> Dict[str, Any]:
         d = json.loads(_C.config_normalize(self._json()))
         return {f.name: d[f.name] for f in dataclasses.fields(self)}  # field order, not C++'s sorted keys
+
+
+def _loads(text: str, what: str) -> Any:
+    """json.loads with an error that says where the JSON breaks and what to check."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{what} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; "
+            "check for a missing comma, quote or brace"
+        ) from None
 
 
 def _plain(name: str, value: Any) -> Any:

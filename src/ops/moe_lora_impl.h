@@ -41,6 +41,11 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
                        int64_t compute, const std::optional<at::Tensor>& dropout_seed,
                        std::array<bool, 6> output_mask);
 
+// Routing in ATen on any device: the CPU kernel of moe_lora_route, and the CUDA
+// fallback for what the routing kernel does not take (fp64, more than 256 experts).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_aten(const at::Tensor& logits,
+                                                                   int64_t top_k);
+
 // The public forward for backends without autograd in play: the forward above
 // minus lora_hidden.
 std::tuple<at::Tensor, at::Tensor> moe_lora_aten(

@@ -9,14 +9,13 @@
 #include <torch/library.h>
 
 namespace mola::detail {
-namespace {
 
 // Softmax over all experts in fp32 (fp64 for fp64 logits), top-k, renormalise over the chosen ones: the
 // authors' routing (methods.md 1.1). With k == E every expert is chosen and the
 // weights are the softmax itself, with no renormalisation (methods.md 1.1:
 // "routing is dense").
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_cpu(const at::Tensor& logits,
-                                                                  int64_t top_k) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_aten(const at::Tensor& logits,
+                                                                   int64_t top_k) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "moe_lora_route: router_logits must be [tokens, experts]; got ",
                     logits.sizes());
   const int64_t T = logits.size(0), E = logits.size(1);
@@ -33,6 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_cpu(const at::Tens
   return {w, idx, gate};
 }
 
+namespace {
+
 // The mask contract of kernels/philox.h: element i of the flattened [rows, cols]
 // input keeps iff its Philox uniform is >= p; kept elements scale by 1/(1-p).
 at::Tensor dropout_mask_cpu(const at::Tensor& seed_tensor, int64_t rows, int64_t cols, double p) {
@@ -47,6 +48,6 @@ at::Tensor dropout_mask_cpu(const at::Tensor& seed_tensor, int64_t rows, int64_t
 }  // namespace mola::detail
 
 TORCH_LIBRARY_IMPL(mola, CPU, m) {
-  m.impl("moe_lora_route", &mola::detail::moe_lora_route_cpu);
+  m.impl("moe_lora_route", &mola::detail::moe_lora_route_aten);
   m.impl("_dropout_mask", &mola::detail::dropout_mask_cpu);
 }

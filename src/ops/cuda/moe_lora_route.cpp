@@ -7,6 +7,7 @@
 // CPU twin (src/ops/cpu/moe_lora_route.cpp) is the oracle the CUDA path is
 // tested against (tests/python/test_route_cuda.py).
 #include "ops/cuda/moe_lora_route.h"
+#include "ops/moe_lora_impl.h"
 
 // Spelled relative: this directory has a moe_lora_route.h of its own, so a bare
 // "moe_lora_route.h" would resolve here, not to the kernel's params header.
@@ -132,6 +133,11 @@ void moe_lora_route_cuda_out(const at::Tensor& logits, int64_t top_k, at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_cuda(const at::Tensor& router_logits,
                                                                    int64_t top_k) {
+  if (router_logits.dim() == 2 && (router_logits.scalar_type() == at::kDouble ||
+                                   router_logits.size(1) > kernels::kMoeLoraRouteMaxExperts)) {
+    // fp64 (gradcheck) and very wide routers: the same math in ATen on the GPU.
+    return detail::moe_lora_route_aten(router_logits, top_k);
+  }
   check_logits(router_logits, top_k);
   const c10::cuda::CUDAGuard device_guard(router_logits.device());
   const int64_t T = router_logits.size(0);
