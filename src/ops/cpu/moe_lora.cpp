@@ -37,10 +37,11 @@ at::Tensor dropout_input(const at::Tensor& X, double p, bool training,
   return dropout_active(p, training) ? apply_dropout(X, p, seed) : X;
 }
 
-// [Wr; A_cat]: [E + E*r, in], the router's rows then every expert's A rows.
-// One GEMM against it reads x once for the logits and the expert inputs.
+// [A_cat; Wr]: [E*r + E, in], every expert's A rows then the router's. One GEMM
+// against it reads x once for the expert inputs and the logits. (A first, so the
+// backward's dA is the leading block of [dA; dWr] and needs no copy.)
 at::Tensor shrink_weight(const at::Tensor& router, const at::Tensor& lora_a) {
-  return at::cat({router, lora_a.reshape({-1, lora_a.size(2)})}, 0);
+  return at::cat({lora_a.reshape({-1, lora_a.size(2)}), router}, 0);
 }
 
 // B [E, out, r] -> B_cat [out, E*r], the expand weight of the dense strategy.
@@ -83,10 +84,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
   const bool dropout = dropout_active(dropout_p, training);
   at::Tensor logits, hidden;  // [T, E], and per strategy (see moe_lora_impl.h)
   if (mode == kDense && !dropout) {
-    // Router and every expert's A read x in one GEMM: [T, E + E*r] = x [Wr; A_cat]^T.
+    // Every expert's A and the router read x in one GEMM: [T, E*r + E] = x [A_cat; Wr]^T.
     at::Tensor fused = at::mm(X, shrink_weight(router, lora_a).t());
-    logits = fused.narrow(1, 0, E).contiguous();
-    hidden = fused.narrow(1, E, E * r).contiguous();  // [T, E*r]
+    hidden = fused.narrow(1, 0, E * r).contiguous();  // [T, E*r]
+    logits = fused.narrow(1, E * r, E).contiguous();
   } else {
     logits = at::mm(X, router.t());  // no dropout on the router input
   }
@@ -166,7 +167,7 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
 
   at::Tensor dw;    // d loss / d w at the routed slots [T, k], routing dtype
   at::Tensor dXd;   // d loss / d x~ from the experts [T, in]
-  at::Tensor dH;    // dense: d loss / d h [T, E*r], folded into the router's products below
+  at::Tensor dH;    // dense: d loss / d h [T, E*r], joined to the router's products below
   if (mode == kDense) {
     at::Tensor B_cat = cat_lora_b(lora_b);                  // [out, E*r]
     at::Tensor h3 = lora_hidden.view({T, E, r});
@@ -223,7 +224,7 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
   if (need_x && dXd.defined()) {  // through dropout: the same mask, regenerated
     grad_x.add_(dropout && !dXd_masked ? apply_dropout(dXd, dropout_p, dropout_seed) : dXd);
   }
-  const bool fold = mode == kDense && !dropout;  // dense, no dropout: [dz | dH] in one GEMM each
+  const bool fold = mode == kDense && !dropout;  // dense, no dropout: [dH | dz] in one GEMM each
 
   if (need_x || need_router || (need_a && mode == kDense && !dropout)) {
     // Through the renormalisation w = v / sum(v) (skipped when k == E, where w = P),
@@ -244,13 +245,13 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
     }
     dz = dz.to(dtype);
     if (fold) {
-      at::Tensor dzh = at::cat({dz, dH}, 1);  // [T, E + E*r]
+      at::Tensor dhz = at::cat({dH, dz}, 1);  // [T, E*r + E]
       if (need_router || need_a) {
-        at::Tensor g_cat = at::mm(dzh.t(), X);  // [dWr; dA_cat] = [dz | dH]^T x
-        if (need_router) grad_router = g_cat.narrow(0, 0, E).contiguous();
-        if (need_a) grad_a = g_cat.narrow(0, E, E * r).reshape({E, r, in});
+        at::Tensor g_cat = at::mm(dhz.t(), X);  // [dA_cat; dWr] = [dH | dz]^T x
+        if (need_a) grad_a = g_cat.narrow(0, 0, E * r).view({E, r, in});
+        if (need_router) grad_router = g_cat.narrow(0, E * r, E).clone();  // outputs must not alias
       }
-      if (need_x) grad_x.addmm_(dzh, shrink_weight(router, lora_a));  // dx += [dz | dH] [Wr; A_cat]
+      if (need_x) grad_x.addmm_(dhz, shrink_weight(router, lora_a));  // dx += [dH | dz] [A_cat; Wr]
     } else {
       if (need_router) grad_router = at::mm(dz.t(), X);  // [E, in]
       if (need_x) grad_x.addmm_(dz, router);           // dx += dz Wr
