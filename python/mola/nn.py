@@ -102,12 +102,15 @@ class MoLALinear(nn.Module):
                 f"layer_index={self.layer_index}")
 
 
-def aux_loss(model: nn.Module, coef: Optional[float] = None) -> torch.Tensor:
+def aux_loss(model: nn.Module, coef: Optional[float] = None,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The balance loss (design 2.2) over every MoLALinear of ``model`` that ran a forward.
 
     Modules are grouped by ``.layer_index`` (those with None form a group each);
     each group's router logits are stacked along rows, in module order, as the
     authors stack the seven modules of a decoder layer. ``coef`` None means 0.001.
+    ``mask`` (bool, one entry per token, e.g. the attention mask) leaves padding
+    out of the loss; the authors' code includes it (the default, None).
     """
     groups: "OrderedDict[object, list]" = OrderedDict()
     for name, module in model.named_modules():
@@ -127,4 +130,4 @@ def aux_loss(model: nn.Module, coef: Optional[float] = None) -> torch.Tensor:
         logits.append(torch.cat([m.router_logits for m in modules], dim=0))
         top_k.append(ks.pop())
     return load_balancing_loss(logits, top_k,
-                               DEFAULT_AUX_LOSS_COEF if coef is None else float(coef))
+                               DEFAULT_AUX_LOSS_COEF if coef is None else float(coef), mask)

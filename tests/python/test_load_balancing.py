@@ -209,3 +209,19 @@ def test_aux_loss_modules_without_layer_index_are_their_own_groups():
     second(first(x))
     ref = reference_load_balancing_loss([first.router_logits, second.router_logits], [1, 2], 0.001)
     torch.testing.assert_close(mola.aux_loss(model).double(), ref.double(), rtol=1e-5, atol=1e-8)
+
+
+def test_aux_loss_mask_leaves_padding_out():
+    # Two modules of one layer see the same 6 tokens; masking the last two must
+    # equal the loss on the first four tokens alone.
+    torch.manual_seed(4)
+    layers = nn.Sequential(mola.MoLALinear(nn.Linear(8, 8), 4, 2, 2, layer_index=0),
+                           mola.MoLALinear(nn.Linear(8, 8), 4, 2, 2, layer_index=0))
+    x = torch.randn(6, 8)
+    layers(x)
+    mask = torch.tensor([True, True, True, True, False, False])
+    masked = mola.aux_loss(layers, coef=1.0, mask=mask)
+    kept = [torch.cat([m.router_logits[:4] for m in layers])]
+    want = reference_load_balancing_loss(kept, [2], 1.0)
+    torch.testing.assert_close(masked, torch.as_tensor(want, dtype=masked.dtype))
+    assert not torch.allclose(masked, mola.aux_loss(layers, coef=1.0))
