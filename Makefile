@@ -11,7 +11,7 @@ PY        := $(VENV)/bin/python
 PIP       := $(PY) -m pip
 BUILD_DIR := build/py
 JOBS      ?= $(shell nproc)
-DEBS      := nlohmann-json3-dev libsentencepiece-dev libgtest-dev libgmock-dev ccache cmake g++
+DEBS      := nlohmann-json3-dev libsentencepiece-dev libgtest-dev ccache cmake g++ python3-venv
 STAMP     := $(VENV)/.mola-requirements
 
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
