@@ -43,11 +43,19 @@ $(STAMP): requirements.txt
 	$(PIP) install -q -r requirements.txt
 	@touch $@
 
-# mola itself: the C++ library, its tests and the Python package, from one CMake build.
-build: setup
+# mola itself: the C++ library, its tests and the Python package, from one CMake
+# build, redone only when a source of it changed (the stamp lives in the build).
+SOURCES := CMakeLists.txt pyproject.toml \
+  $(shell find cmake include src kernels python tests/cpp examples/cpp -type f \
+            -not -name '*.pyc' 2>/dev/null)
+BUILD_STAMP := $(BUILD_DIR)/.mola-installed
+
+build: setup $(BUILD_STAMP)
+$(BUILD_STAMP): $(SOURCES) $(STAMP)
 	$(PIP) install -q --no-build-isolation --no-deps \
 	  -C cmake.define.MOLA_BUILD_TESTS=ON -C cmake.define.MOLA_BUILD_EXAMPLES=ON \
 	  -C build.verbose=false .
+	@touch $@
 
 test-cpp: build
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS) --no-tests=error
