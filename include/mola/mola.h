@@ -2,5 +2,6 @@
 #pragma once
 
 #include <mola/config.h>
+#include <mola/io/safetensors.h>
 #include <mola/nn/moe_lora_linear.h>
 #include <mola/ops.h>

@@ -1,0 +1,406 @@
+// The safetensors reader and writer (mola/io/safetensors.h). Validation lives
+// entirely in open(): once a header has passed, every entry's bytes are known
+// to lie inside the map, so get() needs no checks beyond the name. The writer
+// goes through a temporary file and rename() for crash safety (design.md 6.4).
+//
+// No <filesystem>: the PyPI libtorch exports its own statically linked copies
+// of std::filesystem (pytorch/pytorch#133437) that win symbol lookup and crash
+// (remove_all). POSIX open/fstat/mmap/rename does all we need.
+#include "mola/io/safetensors.h"
+
+#include "mola/config.h"  // detail::edit_distance, for "did you mean" lists
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <utility>
+
+// The format is little-endian and we copy its bytes as they are.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "mola::io::safetensors assumes a little-endian host");
+
+namespace mola::io {
+namespace {
+
+using nlohmann::json;
+
+// Larger than any real header (a 70B model's is ~100 KB); a larger length
+// means the first 8 bytes are not a safetensors length at all.
+constexpr uint64_t kMaxHeaderBytes = 100ull * 1000 * 1000;
+
+template <class... Parts>
+[[noreturn]] void fail(const std::string& path, const Parts&... parts) {
+  std::ostringstream o;
+  o << "safetensors: " << path << ": ";
+  (o << ... << parts);
+  throw SafetensorsError(o.str());
+}
+
+struct DtypeName {
+  const char* name;
+  at::ScalarType type;
+};
+// The spec's names; F8 included because torch reads them natively.
+constexpr DtypeName kDtypes[] = {
+    {"F64", at::kDouble},  {"F32", at::kFloat},  {"F16", at::kHalf},   {"BF16", at::kBFloat16},
+    {"I64", at::kLong},    {"I32", at::kInt},    {"I16", at::kShort},  {"I8", at::kChar},
+    {"U8", at::kByte},     {"BOOL", at::kBool},  {"F8_E4M3", at::kFloat8_e4m3fn},
+    {"F8_E5M2", at::kFloat8_e5m2},
+};
+
+std::string dtype_list() {
+  std::string s;
+  for (const auto& d : kDtypes) s += (s.empty() ? "" : ", ") + std::string(d.name);
+  return s;
+}
+
+std::string quote(const std::string& s) { return "'" + s + "'"; }
+
+std::string errno_text() { return std::strerror(errno); }
+
+// Up to 5 names nearest to `name`, for the missing-tensor message.
+std::string nearest_names(const std::string& name, const std::vector<std::string>& names) {
+  if (names.empty()) return "the file holds no tensors";
+  std::vector<std::pair<size_t, std::string>> scored;
+  for (const auto& n : names) scored.emplace_back(detail::edit_distance(name, n), n);
+  std::sort(scored.begin(), scored.end());
+  std::string s = "nearest names: ";
+  for (size_t i = 0; i < scored.size() && i < 5; ++i) s += (i ? ", " : "") + quote(scored[i].second);
+  return s;
+}
+
+// One header entry checked against the data buffer of `data_size` bytes.
+TensorInfo parse_entry(const std::string& path, const std::string& name, const json& e, uint64_t data_size) {
+  const std::string where = "tensor " + quote(name) + ": ";
+  const char* fix = "; the header is corrupt: re-download or re-save the file";
+  if (!e.is_object()) fail(path, where, "entry is ", e.type_name(), ", not an object with dtype, shape and data_offsets", fix);
+  for (const char* key : {"dtype", "shape", "data_offsets"})
+    if (!e.contains(key)) fail(path, where, "entry has no '", key, "'", fix);
+
+  TensorInfo info;
+  if (!e["dtype"].is_string()) fail(path, where, "'dtype' is ", e["dtype"].dump(), ", not a string", fix);
+  info.dtype = e["dtype"].get<std::string>();
+  const auto* d = std::find_if(std::begin(kDtypes), std::end(kDtypes), [&](const DtypeName& x) { return info.dtype == x.name; });
+  if (d == std::end(kDtypes))
+    fail(path, where, "unsupported dtype '", info.dtype, "'; mola reads ", dtype_list(),
+         ": convert the tensor to one of these (e.g. dequantize it) before loading");
+  info.scalar_type = d->type;
+
+  const json& shape = e["shape"];
+  if (!shape.is_array()) fail(path, where, "'shape' is ", shape.dump(), ", not a list of integers", fix);
+  uint64_t numel = 1;
+  for (const json& s : shape) {
+    if (!s.is_number_integer()) fail(path, where, "'shape' ", shape.dump(), " holds ", s.dump(), ", not an integer", fix);
+    if (s.is_number_unsigned() ? s.get<uint64_t>() > uint64_t(INT64_MAX) : s.get<int64_t>() < 0)
+      fail(path, where, "'shape' ", shape.dump(), " has a negative or out-of-range dimension", fix);
+    const auto dim = s.get<int64_t>();
+    if (__builtin_mul_overflow(numel, uint64_t(dim), &numel) || numel > uint64_t(INT64_MAX))
+      fail(path, where, "'shape' ", shape.dump(), " has more elements than fit in 64 bits (overflow)", fix);
+    info.shape.push_back(dim);
+  }
+
+  const json& off = e["data_offsets"];
+  if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+    fail(path, where, "'data_offsets' is ", off.dump(), ", not [begin, end] with two non-negative integers", fix);
+  info.begin = off[0].get<uint64_t>();
+  info.end = off[1].get<uint64_t>();
+  if (info.begin > info.end)
+    fail(path, where, "'data_offsets' [", info.begin, ", ", info.end, "] has begin after end", fix);
+  if (info.end > data_size)
+    fail(path, where, "'data_offsets' end ", info.end, " is past the end of the data buffer (", data_size,
+         " bytes); the file is truncated: re-download or re-save it");
+  const uint64_t element = at::elementSize(info.scalar_type);
+  uint64_t expected = 0;
+  if (__builtin_mul_overflow(numel, element, &expected) || info.end - info.begin != expected)
+    fail(path, where, "holds ", info.end - info.begin, " bytes but shape ", shape.dump(), " of ", info.dtype, " needs ",
+         numel, " x ", element, " bytes", fix);
+  return info;
+}
+
+}  // namespace
+
+SafetensorsFile SafetensorsFile::open(const std::string& path) {
+  SafetensorsFile f;
+  f.path_ = path;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path, "cannot open: ", errno_text(), "; check the path and its permissions");
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(path, "not a regular file; give the path of a .safetensors file");
+  }
+  const auto size = static_cast<uint64_t>(st.st_size);
+  if (size < 8) {
+    ::close(fd);
+    fail(path, "file is ", size, " bytes, shorter than the 8-byte header length; it is truncated or not a safetensors file");
+  }
+  void* m = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);  // the mapping keeps the file alive
+  if (m == MAP_FAILED) fail(path, "mmap of ", size, " bytes failed: ", errno_text());
+  f.map_ = static_cast<const uint8_t*>(m);
+  f.map_size_ = size;
+
+  uint64_t n = 0;
+  std::memcpy(&n, f.map_, 8);
+  if (n > kMaxHeaderBytes)
+    fail(path, "header length ", n, " is over the 100 MB limit; the first 8 bytes are corrupt or this is not a safetensors file");
+  if (n > size - 8)
+    fail(path, "header length ", n, " is larger than the file's remaining ", size - 8,
+         " bytes; the file is truncated (re-download it) or not a safetensors file");
+  f.data_start_ = 8 + n;
+  const uint64_t data_size = size - f.data_start_;
+
+  json header;
+  try {
+    header = json::parse(f.map_ + 8, f.map_ + 8 + n);
+  } catch (const json::parse_error& e) {
+    fail(path, "header is not valid JSON at byte ", e.byte, " of the header (file offset ", e.byte + 8, "): ", e.what(),
+         "; the file is corrupt: re-download or re-save it");
+  }
+  if (!header.is_object()) fail(path, "header is ", header.type_name(), ", not a JSON object of tensor entries; not a safetensors file");
+
+  for (const auto& [name, value] : header.items()) {
+    if (name == "__metadata__") {
+      if (!value.is_object()) fail(path, "'__metadata__' is ", value.type_name(), ", not an object of strings; the header is corrupt: re-save the file");
+      for (const auto& [k, v] : value.items()) {
+        if (!v.is_string()) fail(path, "'__metadata__' key '", k, "' is ", v.dump(), ", not a string; metadata values must be strings: re-save the file with string values");
+        f.metadata_[k] = v.get<std::string>();
+      }
+      continue;
+    }
+    f.entries_.emplace(name, parse_entry(path, name, value, data_size));
+  }
+
+  // Two entries sharing bytes would alias; sorted by begin, each must end
+  // before the next begins. Gaps are tolerated: they cannot cause a bad read.
+  std::vector<std::pair<const std::string*, const TensorInfo*>> by_begin;
+  for (const auto& [name, info] : f.entries_)
+    if (info.end > info.begin) by_begin.emplace_back(&name, &info);
+  std::sort(by_begin.begin(), by_begin.end(), [](const auto& a, const auto& b) { return a.second->begin < b.second->begin; });
+  for (size_t i = 1; i < by_begin.size(); ++i)
+    if (by_begin[i].second->begin < by_begin[i - 1].second->end)
+      fail(path, "tensors ", quote(*by_begin[i - 1].first), " [", by_begin[i - 1].second->begin, ", ",
+           by_begin[i - 1].second->end, ") and ", quote(*by_begin[i].first), " [", by_begin[i].second->begin, ", ",
+           by_begin[i].second->end, ") overlap in the data buffer; the header is corrupt: re-download or re-save the file");
+  return f;
+}
+
+SafetensorsFile::SafetensorsFile(SafetensorsFile&& o) noexcept
+    : path_(std::move(o.path_)),
+      map_(std::exchange(o.map_, nullptr)),
+      map_size_(std::exchange(o.map_size_, 0)),
+      data_start_(o.data_start_),
+      entries_(std::move(o.entries_)),
+      metadata_(std::move(o.metadata_)) {}
+
+SafetensorsFile& SafetensorsFile::operator=(SafetensorsFile&& o) noexcept {
+  if (this != &o) {
+    release();
+    path_ = std::move(o.path_);
+    map_ = std::exchange(o.map_, nullptr);
+    map_size_ = std::exchange(o.map_size_, 0);
+    data_start_ = o.data_start_;
+    entries_ = std::move(o.entries_);
+    metadata_ = std::move(o.metadata_);
+  }
+  return *this;
+}
+
+SafetensorsFile::~SafetensorsFile() { release(); }
+
+void SafetensorsFile::release() noexcept {
+  if (map_ != nullptr) ::munmap(const_cast<uint8_t*>(map_), map_size_);
+  map_ = nullptr;
+  map_size_ = 0;
+}
+
+std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> out;
+  for (const auto& kv : entries_) out.push_back(kv.first);
+  return out;
+}
+
+const TensorInfo& SafetensorsFile::info(const std::string& name) const {
+  const auto it = entries_.find(name);
+  if (it == entries_.end())
+    fail(path_, "no tensor named ", quote(name), "; ", nearest_names(name, names()),
+         "; check the name (checkpoints use Hugging Face module paths)");
+  return it->second;
+}
+
+at::Tensor SafetensorsFile::get(const std::string& name, std::optional<at::ScalarType> dtype, at::Device device) const {
+  const TensorInfo& ti = info(name);
+  const at::ScalarType out_type = dtype.value_or(ti.scalar_type);
+  const uint8_t* bytes = map_ + data_start_ + ti.begin;
+  const size_t nbytes = ti.end - ti.begin;
+  // A bool byte other than 0 or 1 is undefined behaviour in torch's kernels.
+  if (ti.scalar_type == at::kBool)
+    for (size_t i = 0; i < nbytes; ++i)
+      if (bytes[i] > 1)
+        fail(path_, "tensor ", quote(name), ": BOOL byte ", i, " is ", int(bytes[i]),
+             ", not 0 or 1; the data is corrupt: re-download or re-save the file");
+
+  const auto cpu = at::TensorOptions().dtype(ti.scalar_type);
+  at::Tensor t;
+  // from_blob needs element alignment; a writer that did not pad its header
+  // leaves the data misaligned, and then we copy the bytes out first.
+  if (nbytes == 0) {
+    t = at::empty(ti.shape, cpu);
+  } else if (reinterpret_cast<uintptr_t>(bytes) % at::elementSize(ti.scalar_type) == 0) {
+    t = at::from_blob(const_cast<uint8_t*>(bytes), ti.shape, cpu);
+  } else {
+    t = at::empty(ti.shape, cpu);
+    std::memcpy(t.data_ptr(), bytes, nbytes);
+  }
+  // copy=true: the result must never alias the map, which munmap may free.
+  return t.to(device, out_type, /*non_blocking=*/false, /*copy=*/true);
+}
+
+std::map<std::string, at::Tensor> load_safetensors(const std::string& path, std::optional<at::ScalarType> dtype) {
+  const SafetensorsFile f = SafetensorsFile::open(path);
+  std::map<std::string, at::Tensor> out;
+  for (const auto& name : f.names()) out.emplace(name, f.get(name, dtype));
+  return out;
+}
+
+namespace {
+
+// Writes all of [data, data+n), retrying short writes and EINTR.
+void write_all(const std::string& path, int fd, const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, std::min<size_t>(n, size_t(1) << 30));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) fail(path, "write failed: ", errno_text(), "; check free disk space and permissions");
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+std::string dir_of(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+}
+
+}  // namespace
+
+void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  std::vector<std::pair<const std::string*, at::Tensor>> cpu;  // in header (name) order
+  json header = json::object();
+  uint64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    if (name.empty() || name == "__metadata__")
+      fail(path, "tensor name ", quote(name), " is reserved or empty; rename the tensor");
+    if (!t.defined()) fail(path, "tensor ", quote(name), " is undefined; pass a real tensor or leave it out");
+    if (t.layout() != at::kStrided)
+      fail(path, "tensor ", quote(name), " has layout ", t.layout(), "; convert it with .to_dense() first");
+    const auto* d = std::find_if(std::begin(kDtypes), std::end(kDtypes), [&](const DtypeName& x) { return t.scalar_type() == x.type; });
+    if (d == std::end(kDtypes))
+      fail(path, "tensor ", quote(name), " has dtype ", t.scalar_type(), ", which safetensors in mola does not write; cast it to one of ",
+           dtype_list());
+    at::Tensor c = t.detach().to(at::kCPU).resolve_conj().resolve_neg().contiguous();
+    const uint64_t nbytes = c.nbytes();
+    header[name] = {{"dtype", d->name}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+    cpu.emplace_back(&name, std::move(c));
+  }
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+
+  // Spaces pad the header so the data buffer starts 8-byte aligned, which lets
+  // readers (ours included) view the bytes in place.
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  const uint64_t n = text.size();
+
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail(tmp, "cannot create: ", errno_text(), "; check that the directory exists and is writable");
+  try {
+    write_all(tmp, fd, &n, 8);
+    write_all(tmp, fd, text.data(), text.size());
+    for (const auto& [name, c] : cpu) write_all(tmp, fd, c.data_ptr(), c.nbytes());
+    if (::fsync(fd) != 0) fail(tmp, "fsync failed: ", errno_text(), "; check the disk");
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  if (::close(fd) != 0) {
+    ::unlink(tmp.c_str());
+    fail(tmp, "close failed: ", errno_text(), "; check free disk space");
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = errno_text();
+    ::unlink(tmp.c_str());
+    fail(path, "cannot rename ", tmp, " over it: ", why, "; check that the directory is writable");
+  }
+  // Persist the rename itself; best effort, as some filesystems refuse to
+  // fsync a directory and the file is already complete either way.
+  const int dfd = ::open(dir_of(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+std::map<std::string, at::Tensor> load_sharded(const std::string& dir_or_index, std::optional<at::ScalarType> dtype) {
+  struct stat st {};
+  if (::stat(dir_or_index.c_str(), &st) != 0)
+    fail(dir_or_index, "cannot open: ", errno_text(), "; give a checkpoint directory, an index .json or a .safetensors file");
+  std::string index = dir_or_index;
+  if (S_ISDIR(st.st_mode)) {
+    const std::string idx = dir_or_index + "/model.safetensors.index.json";
+    const std::string single = dir_or_index + "/model.safetensors";
+    struct stat s2 {};
+    if (::stat(idx.c_str(), &s2) == 0) {
+      index = idx;
+    } else if (::stat(single.c_str(), &s2) == 0) {
+      return load_safetensors(single, dtype);
+    } else {
+      fail(dir_or_index, "directory has neither model.safetensors.index.json nor model.safetensors; "
+                         "give the directory of a Hugging Face safetensors checkpoint");
+    }
+  } else if (index.size() < 5 || index.compare(index.size() - 5, 5, ".json") != 0) {
+    return load_safetensors(index, dtype);
+  }
+
+  std::ifstream in(index);
+  if (!in) fail(index, "cannot open: ", errno_text(), "; check the path and its permissions");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    fail(index, "index is not valid JSON at byte ", e.byte, ": ", e.what(), "; re-download the checkpoint's index");
+  }
+  if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+    fail(index, "index has no 'weight_map' object ({\"weight_map\": {tensor name: shard file}}); re-download it");
+
+  std::map<std::string, std::vector<std::string>> by_shard;  // shard file -> tensor names
+  for (const auto& [name, shard] : j["weight_map"].items()) {
+    if (!shard.is_string()) fail(index, "'weight_map' entry ", quote(name), " is ", shard.dump(), ", not a shard file name");
+    by_shard[shard.get<std::string>()].push_back(name);
+  }
+  const std::string dir = dir_of(index);
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [shard, names] : by_shard) {
+    const SafetensorsFile f = SafetensorsFile::open(shard.size() && shard[0] == '/' ? shard : dir + "/" + shard);
+    for (const auto& name : names) {
+      if (!f.contains(name))
+        fail(f.path(), "tensor ", quote(name), " is listed in ", index, " but missing from this shard; ",
+             nearest_names(name, f.names()), "; the index and shards are from different checkpoints: re-download them");
+      out.emplace(name, f.get(name, dtype));
+    }
+  }
+  return out;
+}
+
+}  // namespace mola::io
