@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 void mola_bind_config(pybind11::module_& m);
+void mola_bind_models(pybind11::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mola's C++ core: the op library and its bindings";
@@ -14,4 +15,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_cuda") = false;
 #endif
   mola_bind_config(m);
+  mola_bind_models(m);
 }

@@ -8,11 +8,12 @@ import torch  # noqa: F401  (libmola links libtorch: torch must be loaded first)
 from . import _C  # noqa: F401  (registers the ops)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from . import ops
+from ._models import CausalLM
 from .config import MoLAConfig, expand_preset, preset_names
 from .nn import MoLALinear, aux_loss
 
 __version__ = "0.1.0"
 built_with_cuda = _C.built_with_cuda
 
-__all__ = ["MoLAConfig", "MoLALinear", "aux_loss", "ops", "expand_preset", "preset_names",
+__all__ = ["CausalLM", "MoLAConfig", "MoLALinear", "aux_loss", "ops", "expand_preset", "preset_names",
            "built_with_cuda", "__version__"]

@@ -1,0 +1,138 @@
+// mola/models/decoder.h: the decoder-only transformer behind mola's
+// CausalLM, one implementation with variants for llama, mistral and gemma
+// (design.md 7), selected by ModelConfig::family.
+//
+// Modules carry Hugging Face's names, so named_parameters() keys equal the
+// checkpoint's keys ("model.layers.3.self_attn.q_proj.weight") and adapters
+// named after the same module paths (design.md 6.4) find their layer.
+//
+// The family differences are small and kept in one place each:
+//   RMSNorm   gemma scales by (1 + w) in fp32; llama/mistral cast, then scale by w
+//   MLP       SwiGLU (silu) or GeGLU (tanh GELU, gemma)
+//   attention mistral's sliding window
+//   model     gemma multiplies the embeddings by sqrt(hidden_size) and ties lm_head
+//
+// Not here yet (the next steps): attaching MoLA adapters to the projections,
+// a KV cache and generation, gradient checkpointing per layer.
+#pragma once
+
+#include <mola/models/config.h>
+
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace mola::models {
+
+// x * rsqrt(mean(x^2) + eps) * w, computed in fp32 (transformers' LlamaRMSNorm,
+// GemmaRMSNorm). The weight is "weight" with shape [dim].
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps, bool unit_offset);
+  at::Tensor forward(const at::Tensor& x);
+
+  at::Tensor weight;
+  double eps;
+  bool unit_offset;  // gemma: the weight is stored as w with scale (1 + w)
+};
+TORCH_MODULE(RMSNorm);
+
+// Multi-head attention with rotary position embeddings and grouped-query
+// key/value heads: q_proj, k_proj, v_proj, o_proj.
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const ModelConfig& config);
+  // x [batch, seq, hidden]; cos, sin [batch, seq, head_dim] in x's dtype;
+  // mask: a boolean [batch, 1, seq, seq] (true = may attend) or undefined for
+  // plain causal attention.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask);
+
+  int64_t num_heads, num_kv_heads, head_dim;
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+};
+TORCH_MODULE(Attention);
+
+// down(act(gate(x)) * up(x)): SwiGLU or GeGLU by config.activation.
+class MLPImpl : public torch::nn::Module {
+ public:
+  explicit MLPImpl(const ModelConfig& config);
+  at::Tensor forward(const at::Tensor& x);
+
+  Activation activation;
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+// Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)).
+class DecoderLayerImpl : public torch::nn::Module {
+ public:
+  explicit DecoderLayerImpl(const ModelConfig& config);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask);
+
+  Attention self_attn{nullptr};
+  MLP mlp{nullptr};
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+// The stack under "model.": embed_tokens, layers.N, norm. Returns the final
+// normed hidden states [batch, seq, hidden].
+class DecoderModelImpl : public torch::nn::Module {
+ public:
+  explicit DecoderModelImpl(const ModelConfig& config);
+  at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask);
+
+  ModelConfig config;
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers;
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(DecoderModel);
+
+struct CausalLMOutput {
+  at::Tensor logits;  // [batch, seq, vocab] in the model's dtype
+  at::Tensor loss;    // fp32 scalar; undefined when no labels were given
+};
+
+class CausalLMImpl : public torch::nn::Module {
+ public:
+  // A randomly initialised model (normal(0, 0.02) weights as transformers'
+  // initializer_range, unit norms), for tests and from_pretrained to fill.
+  explicit CausalLMImpl(const ModelConfig& config);
+
+  // Reads dir/config.json and the weights (model.safetensors or a sharded
+  // index) and checks them against the architecture: every expected key must
+  // be present with its shape, and no key may be left over (rotary inv_freq
+  // buffers and a tied lm_head.weight excepted). Throws
+  // ModelFileNotFoundError, ModelConfigError, io::SafetensorsError or
+  // std::invalid_argument naming the key and both shapes.
+  static std::shared_ptr<CausalLMImpl> from_pretrained(const std::string& dir, at::ScalarType dtype = at::kFloat,
+                                                       at::Device device = at::kCPU);
+
+  // input_ids [batch, seq] (int64); attention_mask [batch, seq] with 1 for
+  // tokens and 0 for padding; labels [batch, seq] with -100 where no loss is
+  // taken. loss = mean cross-entropy of logits[:, t] against labels[:, t+1]
+  // over the labels that are not -100 (transformers' ForCausalLMLoss).
+  CausalLMOutput forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask = {},
+                         const std::optional<at::Tensor>& labels = {});
+
+  // Copies `weights` (checkpoint names) into the parameters after the checks
+  // described at from_pretrained; `source` names the checkpoint in messages.
+  void load_weights(std::map<std::string, at::Tensor> weights, const std::string& source);
+
+  const ModelConfig& config() const { return model->config; }
+
+  DecoderModel model{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null when tied to model.embed_tokens
+};
+TORCH_MODULE(CausalLM);
+
+}  // namespace mola::models

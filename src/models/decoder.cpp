@@ -1,0 +1,242 @@
+// The model-level half of mola/models/decoder.h: the embedding and the layer
+// stack (DecoderModel), the rotary angle table, the attention mask, the
+// language-model head with its loss (CausalLM), and loading a Hugging Face
+// checkpoint with strict key and shape checks. The per-layer modules are in
+// layers.cpp.
+#include "mola/models/decoder.h"
+
+#include <mola/io/safetensors.h>
+
+#include <sys/stat.h>
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+namespace mola::models {
+namespace {
+
+template <class... Parts>
+std::string cat(const Parts&... parts) {
+  std::ostringstream o;
+  (o << ... << parts);
+  return o.str();
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << '[';
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << ']';
+  return o.str();
+}
+
+// Caller errors are std::invalid_argument (ValueError in Python).
+template <class... Parts>
+void require(bool ok, const Parts&... parts) {
+  if (!ok) throw std::invalid_argument(cat(parts...));
+}
+
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// cos and sin of the rotary angles, [1, seq, head_dim] in `dtype`, for
+// positions 0..seq-1 (Su et al. 2021). inv_freq = theta^(-2i/d) is computed
+// in fp32 exactly as transformers' default rope init, and the angles are
+// duplicated over both halves to pair with rotate_half.
+std::pair<at::Tensor, at::Tensor> rotary_tables(int64_t seq, int64_t head_dim, double theta, at::ScalarType dtype,
+                                                at::Device device) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  const at::Tensor exponents =
+      at::arange(0, head_dim, 2, at::TensorOptions().dtype(at::kLong).device(device)).to(at::kFloat) /
+      static_cast<double>(head_dim);                                  // [d/2]
+  const at::Tensor inv_freq = at::reciprocal(at::pow(theta, exponents));  // [d/2]
+  // Positions 0..seq-1 for every row, as transformers' forward without
+  // position_ids: right padding leaves every token's position unchanged.
+  const at::Tensor positions = at::arange(seq, f32);              // [seq]
+  const at::Tensor freqs = at::outer(positions, inv_freq);        // [seq, d/2]
+  const at::Tensor angles = at::cat({freqs, freqs}, -1).unsqueeze(0);  // [1, seq, d]
+  return {angles.cos().to(dtype), angles.sin().to(dtype)};
+}
+
+// The boolean attention mask [batch, 1, seq, seq] (true = may attend), or an
+// undefined tensor when plain causal attention is exact (no padding, no
+// window shorter than the sequence), so SDPA can use its fused causal path.
+at::Tensor attention_mask_for(int64_t batch, int64_t seq, const std::optional<at::Tensor>& padding,
+                              std::optional<int64_t> sliding_window, at::Device device) {
+  const bool padded = padding.has_value() && !padding->ne(0).all().item<bool>();
+  const bool windowed = sliding_window.has_value() && *sliding_window < seq;
+  if (!padded && !windowed) return {};
+  const at::Tensor idx = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(device));
+  const at::Tensor q = idx.view({seq, 1});   // [seq, 1]
+  const at::Tensor kv = idx.view({1, seq});  // [1, seq]
+  at::Tensor allowed = kv.le(q);             // [seq, seq]
+  // Mistral's window, transformers' convention (sliding_window_overlay):
+  // key kv is visible from query q when q - window < kv <= q, so a token
+  // sees `window` positions, itself included.
+  if (windowed) allowed = allowed.logical_and(kv.gt(q - *sliding_window));
+  allowed = allowed.view({1, 1, seq, seq});
+  if (padded) allowed = allowed.logical_and(padding->ne(0).view({batch, 1, 1, seq}));  // [batch, 1, seq, seq]
+  // A query that sees no key at all (left padding) would get NaN from the
+  // softmax and spread it through later layers' sums; it may see every key
+  // instead. Its output is padding, and no real token attends to it.
+  return allowed.logical_or(allowed.any(-1, /*keepdim=*/true).logical_not());
+}
+
+}  // namespace
+
+// ---- DecoderModel -------------------------------------------------------------------
+
+DecoderModelImpl::DecoderModelImpl(const ModelConfig& c) : config(c) {
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.family == ModelFamily::kGemma));
+}
+
+at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask) {
+  const int64_t batch = input_ids.size(0), seq = input_ids.size(1);
+  at::Tensor h = embed_tokens->forward(input_ids);  // [batch, seq, hidden]
+  if (config.family == ModelFamily::kGemma) {
+    // Gemma scales the embeddings by sqrt(hidden_size), the factor rounded to
+    // the model dtype first (fp32 -> dtype, as transformers' embed_scale).
+    const double factor = std::sqrt(static_cast<double>(config.hidden_size));
+    h = h * at::scalar_tensor(factor, at::TensorOptions().dtype(at::kFloat).device(h.device())).to(h.scalar_type());
+  }
+  const auto [cos, sin] = rotary_tables(seq, config.head_dim, config.rope_theta, h.scalar_type(), h.device());
+  const std::optional<int64_t> window =
+      config.family == ModelFamily::kMistral ? config.sliding_window : std::optional<int64_t>{};
+  const at::Tensor mask = attention_mask_for(batch, seq, attention_mask, window, h.device());
+  for (const auto& layer : *layers) h = layer->as<DecoderLayerImpl>()->forward(h, cos, sin, mask);
+  return norm->forward(h);
+}
+
+// ---- CausalLM -----------------------------------------------------------------------
+
+CausalLMImpl::CausalLMImpl(const ModelConfig& c) {
+  model = register_module("model", DecoderModel(c));
+  if (!c.tie_word_embeddings)
+    lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
+  // transformers' _init_weights: normal(0, initializer_range = 0.02) for
+  // linear and embedding weights, zero biases; norms keep their neutral
+  // weight from the constructor.
+  at::NoGradGuard no_grad;
+  for (auto& p : named_parameters(/*recurse=*/true)) {
+    if (ends_with(p.key(), "norm.weight")) continue;
+    if (ends_with(p.key(), ".bias")) p.value().zero_();
+    else p.value().normal_(0.0, 0.02);
+  }
+}
+
+CausalLMOutput CausalLMImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
+                                     const std::optional<at::Tensor>& labels) {
+  require(input_ids.dim() == 2 && !at::isFloatingType(input_ids.scalar_type()),
+                    "CausalLM.forward: input_ids must be integer token ids of shape [batch, seq], got ",
+                    input_ids.scalar_type(), " of shape ", shape_str(input_ids.sizes()));
+  require(input_ids.size(1) > 0, "CausalLM.forward: input_ids has no tokens (shape ",
+                    shape_str(input_ids.sizes()), ")");
+  if (attention_mask)
+    require(attention_mask->sizes() == input_ids.sizes(), "CausalLM.forward: attention_mask has shape ",
+                      shape_str(attention_mask->sizes()), " but input_ids has ", shape_str(input_ids.sizes()),
+                      "; give one 0/1 entry per token");
+  if (labels)
+    require(labels->sizes() == input_ids.sizes(), "CausalLM.forward: labels has shape ",
+                      shape_str(labels->sizes()), " but input_ids has ", shape_str(input_ids.sizes()),
+                      "; give one label per token (-100 where no loss is taken), unshifted");
+
+  const at::Tensor h = model->forward(input_ids, attention_mask);  // [batch, seq, hidden]
+  CausalLMOutput out;
+  out.logits = lm_head ? lm_head->forward(h) : at::linear(h, model->embed_tokens->weight);  // [batch, seq, vocab]
+  if (labels) {
+    // Token t predicts label t + 1; the last position predicts nothing.
+    // Cross-entropy in fp32 over the labels that are not -100, averaged
+    // (transformers' ForCausalLMLoss without num_items_in_batch).
+    const int64_t seq = input_ids.size(1);
+    const at::Tensor shifted =
+        at::constant_pad_nd(labels->to(at::kLong), {0, 1}, -100).narrow(1, 1, seq);  // [batch, seq]
+    const int64_t vocab = out.logits.size(-1);
+    out.loss = at::cross_entropy_loss(out.logits.to(at::kFloat).reshape({-1, vocab}),  // [batch * seq, vocab]
+                                      shifted.reshape({-1}).to(out.logits.device()),   // [batch * seq]
+                                      {}, at::Reduction::Mean, -100);
+  }
+  return out;
+}
+
+void CausalLMImpl::load_weights(std::map<std::string, at::Tensor> weights, const std::string& source) {
+  auto params = named_parameters(/*recurse=*/true);
+  std::vector<std::string> missing;
+  for (const auto& p : params) {
+    const auto it = weights.find(p.key());
+    if (it == weights.end()) {
+      missing.push_back(p.key());
+      continue;
+    }
+    if (it->second.sizes() != p.value().sizes())
+      throw std::invalid_argument(cat(source, ": tensor \"", p.key(), "\" has shape ", shape_str(it->second.sizes()),
+                                      " in the checkpoint but the model built from config.json expects ",
+                                      shape_str(p.value().sizes()),
+                                      "; the weights and config.json belong to different models"));
+  }
+  if (!missing.empty()) {
+    std::string names;
+    for (size_t i = 0; i < missing.size() && i < 5; ++i) names += cat(i ? ", " : "", "\"", missing[i], "\"");
+    if (missing.size() > 5) names += cat(" and ", missing.size() - 5, " more");
+    throw std::invalid_argument(cat(source, ": the checkpoint lacks ", missing.size(), " tensor(s) the ",
+                                    config().model_type, " architecture of config.json needs: ", names,
+                                    "; the checkpoint is incomplete or was saved for another model"));
+  }
+  std::vector<std::string> extra;
+  for (const auto& [name, tensor] : weights) {
+    if (params.contains(name)) continue;
+    // Buffers older transformers versions saved, and a tied head written out
+    // anyway: both are recomputed or shared here, so they carry nothing new.
+    if (ends_with(name, "rotary_emb.inv_freq")) continue;
+    if (name == "lm_head.weight" && config().tie_word_embeddings) continue;
+    extra.push_back(name);
+  }
+  if (!extra.empty()) {
+    std::string names;
+    for (size_t i = 0; i < extra.size() && i < 5; ++i) names += cat(i ? ", " : "", "\"", extra[i], "\"");
+    if (extra.size() > 5) names += cat(" and ", extra.size() - 5, " more");
+    throw std::invalid_argument(cat(source, ": the checkpoint has ", extra.size(), " tensor(s) the ",
+                                    config().model_type, " architecture of config.json does not use: ", names,
+                                    "; config.json and the weights belong to different models"));
+  }
+  at::NoGradGuard no_grad;
+  for (auto& p : params) {
+    at::Tensor& t = weights.at(p.key());
+    // Adopting the loaded storage avoids a second copy of a large model;
+    // a copy is needed only across devices or dtypes.
+    if (t.device() == p.value().device() && t.scalar_type() == p.value().scalar_type()) p.value().set_data(t);
+    else p.value().copy_(t);
+    t = at::Tensor();
+  }
+}
+
+std::shared_ptr<CausalLMImpl> CausalLMImpl::from_pretrained(const std::string& dir, at::ScalarType dtype,
+                                                            at::Device device) {
+  if (!exists(dir))
+    throw ModelFileNotFoundError(cat(dir, ": no such checkpoint directory; give a directory holding a Hugging Face "
+                                          "checkpoint (config.json and model.safetensors)"));
+  const ModelConfig config = ModelConfig::from_json_file(dir + "/config.json");
+  if (!exists(dir + "/model.safetensors") && !exists(dir + "/model.safetensors.index.json"))
+    throw ModelFileNotFoundError(cat(dir, ": no model.safetensors or model.safetensors.index.json; only safetensors "
+                                          "weights are read (re-save with save_pretrained(safe_serialization=True))"));
+  require(at::isFloatingType(dtype), "CausalLM.from_pretrained: dtype must be a floating type (float32, "
+                                               "bfloat16, float16), got ", dtype);
+  auto model = std::make_shared<CausalLMImpl>(config);
+  model->to(dtype);
+  model->load_weights(io::load_sharded(dir, dtype), dir);
+  model->to(device);
+  return model;
+}
+
+}  // namespace mola::models

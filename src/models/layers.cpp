@@ -1,0 +1,140 @@
+// The per-layer modules of mola/models/decoder.h: RMSNorm, attention with
+// rotary embeddings, the gated MLP and the decoder block. The model-level
+// parts (embedding, masks, rotary tables, lm_head, loss, loading) are in
+// decoder.cpp; the split keeps each translation unit small and puts what a
+// layer computes apart from how a model is assembled.
+//
+// Numerics follow transformers' modelling code for llama, mistral and gemma
+// (the reference the parity tests compare with), so logits agree to
+// rounding: fp32 normalisation, the rotary cos/sin cast to the activation
+// dtype before use, softmax inside scaled_dot_product_attention.
+#include "mola/models/decoder.h"
+
+#include <cmath>
+
+namespace mola::models {
+namespace {
+
+torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+// The rotary embedding's partner of each channel: the two halves of the head
+// dimension swapped, the second negated (non-interleaved, as GPT-NeoX and
+// transformers' rotate_half; Su et al. 2021, eq. 34, with pairs (i, i + d/2)).
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  const at::Tensor x1 = x.narrow(-1, 0, half);     // [..., d/2]
+  const at::Tensor x2 = x.narrow(-1, half, half);  // [..., d/2]
+  return at::cat({-x2, x1}, -1);                   // [..., d]
+}
+
+}  // namespace
+
+// ---- RMSNorm ------------------------------------------------------------------------
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, bool unit_offset_) : eps(eps_), unit_offset(unit_offset_) {
+  // Gemma stores w with scale (1 + w), so its neutral weight is 0.
+  weight = register_parameter("weight", unit_offset ? at::zeros({dim}) : at::ones({dim}));
+}
+
+at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+  // Zhang & Sennrich 2019. The mean of squares in fp32 even for bf16
+  // activations: a bf16 sum over 4096 channels loses the small ones.
+  at::Tensor h = x.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  // The two families round at different points (transformers' GemmaRMSNorm
+  // scales in fp32 then casts; LlamaRMSNorm casts then scales in the weight's
+  // dtype); keeping each order keeps bf16 results bit-comparable.
+  if (unit_offset) return (h * (1.0 + weight.to(at::kFloat))).to(x.scalar_type());
+  return weight * h.to(x.scalar_type());
+}
+
+// ---- attention ----------------------------------------------------------------------
+
+AttentionImpl::AttentionImpl(const ModelConfig& c)
+    : num_heads(c.num_attention_heads), num_kv_heads(c.num_key_value_heads), head_dim(c.head_dim) {
+  q_proj = register_module("q_proj", make_linear(c.hidden_size, num_heads * head_dim, c.attention_bias));
+  k_proj = register_module("k_proj", make_linear(c.hidden_size, num_kv_heads * head_dim, c.attention_bias));
+  v_proj = register_module("v_proj", make_linear(c.hidden_size, num_kv_heads * head_dim, c.attention_bias));
+  o_proj = register_module("o_proj", make_linear(num_heads * head_dim, c.hidden_size, c.attention_bias));
+}
+
+at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                  const at::Tensor& mask) {
+  const int64_t batch = x.size(0), seq = x.size(1);
+  // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
+  at::Tensor q = q_proj->forward(x).view({batch, seq, num_heads, head_dim}).transpose(1, 2);
+  at::Tensor k = k_proj->forward(x).view({batch, seq, num_kv_heads, head_dim}).transpose(1, 2);
+  at::Tensor v = v_proj->forward(x).view({batch, seq, num_kv_heads, head_dim}).transpose(1, 2);
+
+  // Rotary embedding: the same angle table for every head.
+  const at::Tensor c = cos.unsqueeze(1);  // [batch, 1, seq, head_dim]
+  const at::Tensor s = sin.unsqueeze(1);  // [batch, 1, seq, head_dim]
+  q = q * c + rotate_half(q) * s;
+  k = k * c + rotate_half(k) * s;
+
+  // Grouped-query attention (Ainslie et al. 2023): query head h reads
+  // key/value head h / group. Without a mask SDPA takes the kv heads as they
+  // are (enable_gqa), which its fused kernels support up to head_dim 256;
+  // otherwise each kv head is repeated `group` times in a row, as
+  // transformers' repeat_kv. The same choice as transformers' sdpa path, so
+  // the same kernel runs and bf16 logits agree bit for bit.
+  const int64_t group = num_heads / num_kv_heads;
+  const bool native_gqa = group > 1 && !mask.defined() && head_dim <= 256;
+  if (group > 1 && !native_gqa) {
+    // [batch, kv_heads, seq, d] -> [batch, kv_heads, group, seq, d] -> [batch, heads, seq, d]
+    k = k.unsqueeze(2).expand({batch, num_kv_heads, group, seq, head_dim}).reshape({batch, num_heads, seq, head_dim});
+    v = v.unsqueeze(2).expand({batch, num_kv_heads, group, seq, head_dim}).reshape({batch, num_heads, seq, head_dim});
+  }
+
+  // Without padding or a window the causal flag lets SDPA pick its fused
+  // kernels; the explicit mask is the general case.
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const at::Tensor out =
+      mask.defined()
+          ? at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, scale)
+          : at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true, scale, native_gqa);
+  // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
+  return o_proj->forward(out.transpose(1, 2).reshape({batch, seq, num_heads * head_dim}));
+}
+
+// ---- MLP ----------------------------------------------------------------------------
+
+MLPImpl::MLPImpl(const ModelConfig& c) : activation(c.activation) {
+  gate_proj = register_module("gate_proj", make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+  up_proj = register_module("up_proj", make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+  down_proj = register_module("down_proj", make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
+}
+
+at::Tensor MLPImpl::forward(const at::Tensor& x) {
+  // Gated linear units (Shazeer 2020): SwiGLU for llama/mistral, GeGLU with
+  // the tanh approximation of GELU for gemma.
+  const at::Tensor g = gate_proj->forward(x);
+  at::Tensor a;
+  switch (activation) {
+    case Activation::kSiLU: a = at::silu(g); break;
+    case Activation::kGELU: a = at::gelu(g); break;
+    case Activation::kGELUTanh: a = at::gelu(g, "tanh"); break;
+  }
+  return down_proj->forward(a * up_proj->forward(x));
+}
+
+// ---- decoder block --------------------------------------------------------------------
+
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c) {
+  const bool gemma = c.family == ModelFamily::kGemma;
+  self_attn = register_module("self_attn", Attention(c));
+  mlp = register_module("mlp", MLP(c));
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, gemma));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, gemma));
+}
+
+at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                     const at::Tensor& mask) {
+  const at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, mask);
+  return h + mlp->forward(post_attention_layernorm->forward(h));
+}
+
+}  // namespace mola::models
