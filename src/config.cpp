@@ -131,6 +131,18 @@ void check_one_of(const std::string& key, const std::string& value, const std::v
     fail(key, " ", quote(value), " is not one of ", join(valid), "; ", did_you_mean(value, valid));
 }
 
+// Method "lora" is one expert routed with k = 1 in every layer: any other count
+// in `field` is a contradiction the user has to resolve, not a value to override.
+void check_single_expert(const std::string& field, const PerLayerSpec& spec) {
+  bool ok = false;
+  if (const auto* v = std::get_if<int64_t>(&spec.value)) ok = *v == 1;
+  if (const auto* list = std::get_if<std::vector<int64_t>>(&spec.value))
+    ok = std::all_of(list->begin(), list->end(), [](int64_t n) { return n == 1; });
+  if (!ok)
+    fail(field, " ", spec.to_json().dump(), " is not allowed with method \"lora\": a plain LoRA has one expert",
+         " and routes every token to it (", field, " 1); drop ", field, " or use method \"mola\"");
+}
+
 void check_keys(const json& j, const std::vector<std::string>& valid, const std::string& what) {
   if (!j.is_object()) fail(what, " must be a JSON object such as {\"experts\": 8}; got ", show(j));
   for (const auto& item : j.items())
@@ -298,7 +310,9 @@ const std::vector<std::string>& AdapterConfig::keys() {
 }
 
 const std::vector<std::string>& AdapterConfig::methods() {
-  static const std::vector<std::string> m = {"mola"};  // "molex" and "lora" join when their modules land
+  // "lora" is the same layer with one expert and k = 1 (design.md 6.3); "molex"
+  // joins when its module lands.
+  static const std::vector<std::string> m = {"mola", "lora"};
   return m;
 }
 
@@ -307,10 +321,17 @@ const std::vector<std::string>& AdapterConfig::compute_modes() {
   return m;
 }
 
+AdapterConfig AdapterConfig::for_method(const std::string& method) {
+  AdapterConfig c;
+  c.method = method;
+  if (method == "lora") c.experts = 1, c.top_k = 1;
+  return c;
+}
+
 AdapterConfig AdapterConfig::from_json(const nlohmann::json& j) {
   check_keys(j, keys(), "adapter config");
-  AdapterConfig c;
-  if (j.contains("method")) c.method = get_string(j, "method", "mola");
+  // The method picks the defaults of the other keys, so it is read first.
+  AdapterConfig c = for_method(j.contains("method") ? get_string(j, "method", "mola") : "mola");
   if (j.contains("experts")) c.experts = PerLayerSpec::from_json(j.at("experts"), "experts");
   if (j.contains("top_k")) c.top_k = PerLayerSpec::from_json(j.at("top_k"), "top_k");
   if (j.contains("rank")) c.rank = PerLayerSpec::from_json(j.at("rank"), "rank");
@@ -368,6 +389,10 @@ void AdapterConfig::validate() const {
   check_one_of("method", method, methods());
   experts.validate("experts", true);
   top_k.validate("top_k", false);
+  if (method == "lora") {
+    check_single_expert("experts", experts);
+    check_single_expert("top_k", top_k);
+  }
   rank.validate("rank", false);
   // Per-layer comparisons wait for resolve(); two plain ints can be compared now.
   if (top_k.is_int() && experts.is_int() && std::get<int64_t>(top_k.value) > std::get<int64_t>(experts.value))

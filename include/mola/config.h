@@ -104,7 +104,10 @@ struct ResolvedAdapter {
 };
 
 struct AdapterConfig {
-  std::string method = "mola";  // one of methods()
+  // One of methods(): "mola" (routed LoRA experts) or "lora" (a plain LoRA:
+  // the same layer with experts = top_k = 1, which are then its defaults and
+  // the only values allowed).
+  std::string method = "mola";
   PerLayerSpec experts = 8;     // LoRA experts per layer
   PerLayerSpec top_k = 2;       // experts each token is routed to
   PerLayerSpec rank = 8;        // LoRA rank r
@@ -114,7 +117,11 @@ struct AdapterConfig {
   double aux_loss_coef = 0.001;  // load-balancing loss weight, >= 0 (0: off)
   std::string compute = "auto";  // one of compute_modes()
 
-  // Missing keys keep their defaults; unknown keys and bad values throw
+  // The defaults for `method`: the struct's, with experts = top_k = 1 for "lora".
+  // Not validated (an unknown method fails in validate()).
+  static AdapterConfig for_method(const std::string& method);
+
+  // Missing keys keep their method's defaults (for_method); unknown keys and bad values throw
   // ConfigError. The result is validated.
   static AdapterConfig from_json(const nlohmann::json& j);
   static AdapterConfig from_json_string(const std::string& text);

@@ -3,6 +3,7 @@
 
 #include <mola/config.h>
 #include <mola/io/safetensors.h>
+#include <mola/models/adapter.h>
 #include <mola/models/config.h>
 #include <mola/models/decoder.h>
 #include <mola/nn/moe_lora_linear.h>

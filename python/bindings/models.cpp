@@ -5,13 +5,19 @@
 //
 // Errors: ModelConfigError and std::invalid_argument become ValueError
 // (pybind11's default), ModelFileNotFoundError becomes FileNotFoundError,
-// io::SafetensorsError (a std::runtime_error) RuntimeError.
+// io::SafetensorsError (a std::runtime_error) RuntimeError; using a model
+// without an adapter where one is needed (std::logic_error) RuntimeError.
+//
+// Tensors cross by reference: named_parameters() hands Python the model's own
+// parameters, requires_grad intact, so a torch.optim optimizer built from them
+// trains the C++ model.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <string>
 
+#include "mola/models/adapter.h"
 #include "mola/models/decoder.h"
 
 namespace py = pybind11;
@@ -25,14 +31,55 @@ at::Device to_device(const py::object& device) {
   return device.cast<at::Device>();
 }
 
-py::tuple output_tuple(const mola::models::CausalLMOutput& out) {
-  return py::make_tuple(out.logits, out.loss.defined() ? py::cast(out.loss) : py::none());
+// mola.CausalLMOutput: a namedtuple (logits, loss), so both `out.logits` and
+// `logits, loss = model(ids)` work. Made once at import; never freed, as
+// module-level Python objects outlive any C++ static destructor order.
+py::object* output_type = nullptr;
+
+py::object output_tuple(const mola::models::CausalLMOutput& out) {
+  return (*output_type)(out.logits, out.loss.defined() ? py::cast(out.loss) : py::none());
+}
+
+// A config for attach(): a mola.MoLAConfig (anything with to_json()), a dict,
+// JSON text, or the path of a JSON file. A resolved config (with
+// "num_layers", as adapter_config.json holds) is taken as it is.
+void attach_from_python(CausalLMImpl& self, const py::object& cfg) {
+  const py::module_ json = py::module_::import("json");
+  std::string text;
+  if (py::isinstance<py::str>(cfg) || py::hasattr(cfg, "__fspath__")) {
+    const std::string s = py::module_::import("os").attr("fspath")(cfg).cast<std::string>();
+    const auto first = s.find_first_not_of(" \t\r\n");
+    if (first == std::string::npos || s[first] != '{') return self.attach(mola::AdapterConfig::from_json_file(s));
+    text = s;
+  } else if (py::isinstance<py::dict>(cfg)) {
+    text = json.attr("dumps")(cfg).cast<std::string>();
+  } else if (py::hasattr(cfg, "to_json")) {
+    text = cfg.attr("to_json")().cast<std::string>();
+  } else if (py::hasattr(cfg, "to_dict")) {
+    text = json.attr("dumps")(cfg.attr("to_dict")()).cast<std::string>();
+  } else {
+    throw py::type_error("CausalLM.attach: give a mola.MoLAConfig, a dict, JSON text or a JSON file path; got " +
+                         py::repr(cfg).cast<std::string>());
+  }
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_object() && j.contains("num_layers")) return self.attach(mola::ResolvedAdapter::from_json(j));
+  self.attach(mola::AdapterConfig::from_json_string(text));
+}
+
+py::object json_to_python(const nlohmann::json& j) {
+  return py::module_::import("json").attr("loads")(j.dump());
 }
 
 }  // namespace
 
 void mola_bind_models(py::module_& m) {
   py::register_exception<mola::models::ModelFileNotFoundError>(m, "ModelFileNotFoundError", PyExc_FileNotFoundError);
+
+  output_type = new py::object(py::module_::import("collections").attr("namedtuple")(
+      "CausalLMOutput", py::make_tuple("logits", "loss")));
+  output_type->attr("__module__") = "mola";
+  output_type->attr("__doc__") = "CausalLM's output: logits [batch, seq, vocab] and the loss (None without labels).";
+  m.attr("CausalLMOutput") = *output_type;
 
   py::class_<CausalLMImpl, std::shared_ptr<CausalLMImpl>>(
       m, "CausalLM",
@@ -55,7 +102,8 @@ void mola_bind_models(py::module_& m) {
           [](CausalLMImpl& self, const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
              const std::optional<at::Tensor>& labels) { return output_tuple(self.forward(input_ids, attention_mask, labels)); },
           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none(),
-          "(logits [batch, seq, vocab], loss or None). labels are unshifted, -100 where no loss is taken.")
+          "CausalLMOutput(logits [batch, seq, vocab], loss or None), a namedtuple. labels are unshifted, -100 "
+          "where no loss is taken.")
       .def(
           "__call__",
           [](CausalLMImpl& self, const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
@@ -69,9 +117,65 @@ void mola_bind_models(py::module_& m) {
             return d;
           },
           "The parameters by their Hugging Face names (shared with the model, not copies).")
+      .def(
+          "named_parameters",
+          [](CausalLMImpl& self) {
+            py::list out;
+            for (const auto& p : self.named_parameters(/*recurse=*/true)) out.append(py::make_tuple(p.key(), p.value()));
+            return out;
+          },
+          "[(name, tensor)] for every parameter, the model's own tensors (requires_grad as set: after attach only "
+          "the adapter's), so torch.optim trains the C++ model.")
+      .def(
+          "parameters",
+          [](CausalLMImpl& self) {
+            py::list out;
+            for (const auto& p : self.parameters(/*recurse=*/true)) out.append(p);
+            return out;
+          },
+          "Every parameter tensor (shared, not copied); filter on requires_grad for an optimizer.")
+      .def(
+          "to",
+          [](std::shared_ptr<CausalLMImpl> self, const py::object& device, const py::object& dtype) {
+            if (!device.is_none()) self->to(to_device(device));
+            if (!dtype.is_none()) self->to(dtype.cast<at::ScalarType>());
+            return self;
+          },
+          py::arg("device") = py::none(), py::arg("dtype") = py::none(),
+          "Moves and/or casts every parameter in place (the tensor objects stay the same); returns the model.")
+      .def("attach", &attach_from_python, py::arg("config"),
+           "Adds a MoLA (or LoRA) adapter to the target projections of every layer and freezes the rest. config: "
+           "a mola.MoLAConfig, a dict, JSON text or a JSON file path. Raises ValueError for a bad config or target.")
+      .def(
+          "aux_loss",
+          [](const CausalLMImpl& self, std::optional<double> coef, const std::optional<at::Tensor>& attention_mask) {
+            return self.aux_loss(coef, attention_mask);
+          },
+          py::arg("coef") = py::none(), py::arg("attention_mask") = py::none(),
+          "The load-balancing loss of the last forward (design.md 2.2); coef defaults to the adapter's "
+          "aux_loss_coef; attention_mask [batch, seq] leaves padding out.")
+      .def(
+          "save_adapter", [](const CausalLMImpl& self, const std::string& dir) { mola::models::save_adapter(self, dir); },
+          py::arg("directory"), "Writes adapter_config.json and adapter_model.safetensors into directory.")
+      .def(
+          "load_adapter", [](CausalLMImpl& self, const std::string& dir) { mola::models::load_adapter(self, dir); },
+          py::arg("directory"),
+          "Loads an adapter directory, attaching its config first when the model has no adapter.")
+      .def_property_readonly("has_adapter", &CausalLMImpl::has_adapter)
+      .def_property_readonly(
+          "adapter_config", [](const CausalLMImpl& self) { return json_to_python(self.adapter_config().to_json()); },
+          "The attached adapter's resolved config as a dict (what adapter_config.json holds).")
+      .def(
+          "adapter_state_dict",
+          [](const CausalLMImpl& self) {
+            py::dict d;
+            for (const auto& [key, t] : mola::models::adapter_state_dict(self)) d[py::str(key)] = t;
+            return d;
+          },
+          "The adapter's parameters by their file keys (shared, not copies).")
       .def_property_readonly(
           "config",
-          [](const CausalLMImpl& self) { return py::module_::import("json").attr("loads")(self.config().to_json().dump()); },
+          [](const CausalLMImpl& self) { return json_to_python(self.config().to_json()); },
           "The parsed config.json as a dict, defaults filled in.")
       .def("train", [](CausalLMImpl& self, bool on) { self.train(on); }, py::arg("mode") = true)
       .def("eval", [](CausalLMImpl& self) { self.eval(); })

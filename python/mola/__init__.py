@@ -11,9 +11,12 @@ from . import ops
 from ._models import CausalLM
 from .config import MoLAConfig, expand_preset, preset_names
 from .nn import MoLALinear, aux_loss
+from .inject import inject
+from .adapter import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 built_with_cuda = _C.built_with_cuda
 
 __all__ = ["CausalLM", "MoLAConfig", "MoLALinear", "aux_loss", "ops", "expand_preset", "preset_names",
-           "built_with_cuda", "__version__"]
+           "built_with_cuda", "__version__",
+           "inject", "save_adapter", "load_adapter"]

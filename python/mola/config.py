@@ -64,11 +64,15 @@ class MoLAConfig:
     (2468), ``hourglass`` (8228), ``diamond`` (2882), any 4 digits, or 4 counts
     such as "10-2-2-2". The layers split into 4 contiguous groups; the first
     L mod 4 groups get one layer more. Invalid values raise ValueError.
+
+    ``method="lora"`` is a plain LoRA: one expert, top_k 1 (their defaults then,
+    and the only values allowed).
     """
 
     method: str = _DEFAULTS["method"]
-    experts: PerLayer = _DEFAULTS["experts"]
-    top_k: PerLayer = _DEFAULTS["top_k"]
+    # None: the method's default (8 and 2 for "mola", 1 and 1 for "lora"), filled in by C++.
+    experts: PerLayer = None
+    top_k: PerLayer = None
     rank: PerLayer = _DEFAULTS["rank"]
     alpha: float = _DEFAULTS["alpha"]
     dropout: float = _DEFAULTS["dropout"]
@@ -158,6 +162,8 @@ class MoLAConfig:
     def _json(self) -> str:
         d = {}
         for f in dataclasses.fields(self):
+            if f.name in ("experts", "top_k") and getattr(self, f.name) is None:
+                continue  # C++ fills in the method's default
             value = _plain(f.name, getattr(self, f.name))
             try:  # what JSON cannot hold (objects, NaN) never reaches C++; the rest C++ judges
                 json.dumps(value, allow_nan=False)

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 
 #include <cmath>
+#include <fstream>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
@@ -89,6 +90,20 @@ at::Tensor attention_mask_for(int64_t batch, int64_t seq, const std::optional<at
   // softmax and spread it through later layers' sums; it may see every key
   // instead. Its output is padding, and no real token attends to it.
   return allowed.logical_or(allowed.any(-1, /*keepdim=*/true).logical_not());
+}
+
+// config.json's "_name_or_path" (what transformers' save_pretrained records)
+// when it is a non-empty string, else the directory's last component.
+std::string checkpoint_name(const std::string& dir) {
+  std::ifstream in(dir + "/config.json");
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_object() && j.contains("_name_or_path") && j.at("_name_or_path").is_string() &&
+      !j.at("_name_or_path").get<std::string>().empty())
+    return j.at("_name_or_path").get<std::string>();
+  std::string d = dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  const auto slash = d.find_last_of('/');
+  return slash == std::string::npos ? d : d.substr(slash + 1);
 }
 
 }  // namespace
@@ -233,6 +248,7 @@ std::shared_ptr<CausalLMImpl> CausalLMImpl::from_pretrained(const std::string& d
   require(at::isFloatingType(dtype), "CausalLM.from_pretrained: dtype must be a floating type (float32, "
                                                "bfloat16, float16), got ", dtype);
   auto model = std::make_shared<CausalLMImpl>(config);
+  model->name_or_path = checkpoint_name(dir);
   model->to(dtype);
   model->load_weights(io::load_sharded(dir, dtype), dir);
   model->to(device);

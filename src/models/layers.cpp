@@ -1,5 +1,5 @@
-// The per-layer modules of mola/models/decoder.h: RMSNorm, attention with
-// rotary embeddings, the gated MLP and the decoder block. The model-level
+// The per-layer modules of mola/models/decoder.h: the adaptable projection,
+// RMSNorm, attention with rotary embeddings, the gated MLP and the decoder block. The model-level
 // parts (embedding, masks, rotary tables, lm_head, loss, loading) are in
 // decoder.cpp; the split keeps each translation unit small and puts what a
 // layer computes apart from how a model is assembled.
@@ -11,13 +11,12 @@
 #include "mola/models/decoder.h"
 
 #include <cmath>
+#include <stdexcept>
 
 namespace mola::models {
 namespace {
 
-torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
-}
+AdaptableLinear make_linear(int64_t in, int64_t out, bool bias) { return AdaptableLinear(in, out, bias); }
 
 // The rotary embedding's partner of each channel: the two halves of the head
 // dimension swapped, the second negated (non-interleaved, as GPT-NeoX and
@@ -30,6 +29,35 @@ at::Tensor rotate_half(const at::Tensor& x) {
 }
 
 }  // namespace
+
+// ---- AdaptableLinear ------------------------------------------------------------------
+
+AdaptableLinearImpl::AdaptableLinearImpl(int64_t in, int64_t out, bool has_bias)
+    : in_features(in), out_features(out) {
+  // torch.nn.Linear's initialisation (kaiming_uniform_(a = sqrt(5)), i.e.
+  // U(-1/sqrt(in), 1/sqrt(in)), and the same bound for the bias); CausalLM
+  // overwrites it with transformers' init or the checkpoint.
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  weight = register_parameter("weight", at::empty({out, in}).uniform_(-bound, bound));  // [out, in]
+  if (has_bias) bias = register_parameter("bias", at::empty({out}).uniform_(-bound, bound));  // [out]
+}
+
+at::Tensor AdaptableLinearImpl::forward(const at::Tensor& x) {
+  const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  if (mola) return mola->forward(x, weight, b);
+  return at::linear(x, weight, b);
+}
+
+void AdaptableLinearImpl::attach(nn::MoLAAdapter adapter) {
+  TORCH_CHECK(!mola, "AdaptableLinear.attach: this projection already has an adapter");
+  mola = register_module("mola", std::move(adapter));
+}
+
+const std::vector<std::string>& projection_names() {
+  static const std::vector<std::string> names = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"};
+  return names;
+}
 
 // ---- RMSNorm ------------------------------------------------------------------------
 
@@ -129,6 +157,21 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c) {
   input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, gemma));
   post_attention_layernorm =
       register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, gemma));
+}
+
+AdaptableLinear DecoderLayerImpl::projection(const std::string& name) const {
+  if (name == "q_proj") return self_attn->q_proj;
+  if (name == "k_proj") return self_attn->k_proj;
+  if (name == "v_proj") return self_attn->v_proj;
+  if (name == "o_proj") return self_attn->o_proj;
+  if (name == "gate_proj") return mlp->gate_proj;
+  if (name == "up_proj") return mlp->up_proj;
+  if (name == "down_proj") return mlp->down_proj;
+  throw std::invalid_argument("DecoderLayer.projection: no projection \"" + name + "\"");
+}
+
+std::string DecoderLayerImpl::projection_path(const std::string& name) {
+  return (name == "gate_proj" || name == "up_proj" || name == "down_proj" ? "mlp." : "self_attn.") + name;
 }
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

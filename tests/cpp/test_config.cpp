@@ -351,4 +351,31 @@ TEST(ConfigDetail, EditDistanceAndNearestName) {
   EXPECT_EQ(mola::detail::nearest_name("x", {}), "");
 }
 
+TEST(ConfigMethod, LoraIsOneExpertWithTopOne) {
+  // Missing experts and top_k take the method's defaults, 1 and 1.
+  const AdapterConfig c = AdapterConfig::from_json_string(R"({"method": "lora", "rank": 4})");
+  EXPECT_EQ(c.experts, mola::PerLayerSpec(1));
+  EXPECT_EQ(c.top_k, mola::PerLayerSpec(1));
+  const mola::ResolvedAdapter r = c.resolve(3);
+  EXPECT_EQ(r.method, "lora");
+  EXPECT_EQ(r.experts, std::vector<int64_t>(3, 1));
+  EXPECT_EQ(r.top_k, std::vector<int64_t>(3, 1));
+  EXPECT_EQ(r.scaling, std::vector<double>(3, 4.0));
+  // Explicit ones (also per layer, as adapter_config.json writes them) are fine.
+  EXPECT_NO_THROW(AdapterConfig::from_json_string(R"({"method": "lora", "experts": 1, "top_k": [1, 1, 1]})"));
+  EXPECT_EQ(mola::ResolvedAdapter::from_json(r.to_json()).experts, r.experts);
+  EXPECT_EQ(AdapterConfig::from_json(c.to_json()), c);
+  // Anything else names the field and the value.
+  expect_error([] { AdapterConfig::from_json_string(R"({"method": "lora", "experts": 4})"); },
+               {"experts 4", "method \"lora\"", "use method \"mola\""});
+  expect_error([] { AdapterConfig::from_json_string(R"({"method": "lora", "experts": "2468"})"); },
+               {"experts \"2468\"", "method \"lora\""});
+  expect_error([] { AdapterConfig::from_json_string(R"({"method": "lora", "top_k": [1, 2]})"); },
+               {"top_k [1,2]", "method \"lora\""});
+  AdapterConfig struct_default;  // experts 8 and top_k 2: the struct's defaults are mola's
+  struct_default.method = "lora";
+  expect_error([&] { struct_default.validate(); }, {"experts 8"});
+  EXPECT_NO_THROW(AdapterConfig::for_method("lora").validate());
+}
+
 }  // namespace

@@ -143,13 +143,21 @@ def test_unknown_keys_name_the_nearest_key(key, nearest):
         ({"targets": []}, "targets is empty"),
         ({"targets": "q_proj"}, "targets must be a list of module names"),
         ({"targets": ["q_proj", "q_proj"]}, 'targets lists "q_proj" twice'),
-        ({"method": "molx"}, 'method "molx" is not one of mola; did you mean "mola"'),
+        ({"method": "molx"}, 'method "molx" is not one of mola, lora; did you mean "mola"'),
         ({"compute": "fast"}, 'compute "fast" is not one of auto, dense, grouped'),
     ],
 )
 def test_bad_values_raise_value_error_with_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MoLAConfig(**kwargs)
+
+
+def test_lora_method_is_one_expert():
+    cfg = MoLAConfig(method="lora", rank=4)
+    assert (cfg.experts, cfg.top_k) == (1, 1)
+    assert cfg.resolve(2)["experts"] == [1, 1]
+    with pytest.raises(ValueError, match='experts 4 is not allowed with method "lora"'):
+        MoLAConfig(method="lora", experts=4)
 
 
 def test_edits_are_checked_again_on_use():

@@ -12,11 +12,19 @@
 //   attention mistral's sliding window
 //   model     gemma multiplies the embeddings by sqrt(hidden_size) and ties lm_head
 //
-// Not here yet (the next steps): attaching MoLA adapters to the projections,
-// a KV cache and generation, gradient checkpointing per layer.
+// Adapters (design.md 2.1, 6.4): each of the seven projections is an
+// AdaptableLinear that keeps its "weight" (and "bias") under the checkpoint's
+// name and gains a child "mola" (nn::MoLAAdapter) when CausalLM::attach adds
+// one. attach, aux_loss and the adapter files are in src/models/adapter.cpp
+// (free functions in mola/models/adapter.h).
+//
+// Not here yet (the next steps): a KV cache and generation, gradient
+// checkpointing per layer.
 #pragma once
 
+#include <mola/config.h>
 #include <mola/models/config.h>
+#include <mola/nn/moe_lora_linear.h>
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -29,8 +37,32 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace mola::models {
+
+// A linear layer y = x W^T + b under a Hugging Face module name, with an
+// optional MoLA adapter. The parameters are "weight" [out, in] and "bias"
+// [out] (when bias), as torch::nn::Linear's, so checkpoints load by name;
+// the adapter, when attached, is the child "mola" and computes the whole
+// layer through the op, base included.
+class AdaptableLinearImpl : public torch::nn::Module {
+ public:
+  AdaptableLinearImpl(int64_t in_features, int64_t out_features, bool bias);
+  at::Tensor forward(const at::Tensor& x);
+
+  // Registers `adapter` as "mola"; the layer must not have one yet.
+  void attach(nn::MoLAAdapter adapter);
+  bool attached() const { return !mola.is_empty(); }
+
+  int64_t in_features, out_features;
+  at::Tensor weight, bias;  // bias undefined when the layer has none
+  nn::MoLAAdapter mola{nullptr};
+};
+TORCH_MODULE(AdaptableLinear);
+
+// The names of the adaptable projections, in the order aux_loss stacks them.
+const std::vector<std::string>& projection_names();
 
 // x * rsqrt(mean(x^2) + eps) * w, computed in fp32 (transformers' LlamaRMSNorm,
 // GemmaRMSNorm). The weight is "weight" with shape [dim].
@@ -56,7 +88,7 @@ class AttentionImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask);
 
   int64_t num_heads, num_kv_heads, head_dim;
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  AdaptableLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 };
 TORCH_MODULE(Attention);
 
@@ -67,7 +99,7 @@ class MLPImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);
 
   Activation activation;
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  AdaptableLinear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(MLP);
 
@@ -76,6 +108,11 @@ class DecoderLayerImpl : public torch::nn::Module {
  public:
   explicit DecoderLayerImpl(const ModelConfig& config);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask);
+
+  // The projection called `name` (one of projection_names()).
+  AdaptableLinear projection(const std::string& name) const;
+  // Its module path below this layer: "self_attn.q_proj", "mlp.down_proj".
+  static std::string projection_path(const std::string& name);
 
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
@@ -130,8 +167,42 @@ class CausalLMImpl : public torch::nn::Module {
 
   const ModelConfig& config() const { return model->config; }
 
+  // ---- adapters (src/models/adapter.cpp) ----
+  // Adds a MoLA (or LoRA) adapter to every target projection of every layer,
+  // with that layer's E, k, r and scaling (cfg resolved for
+  // num_hidden_layers), then freezes everything but the adapters. Throws
+  // ConfigError for a bad config or target name, std::logic_error when an
+  // adapter is attached already.
+  void attach(const AdapterConfig& cfg);
+  void attach(const ResolvedAdapter& adapter);
+  bool has_adapter() const { return adapter_.has_value(); }
+  // The attached adapter's settings, base_model_name filled in; throws
+  // std::logic_error without one.
+  const ResolvedAdapter& adapter_config() const;
+  // The load-balancing loss (design.md 2.2) of the last forward: per layer,
+  // the router logits of its adapted projections stacked in
+  // projection_names() order. coef defaults to the config's aux_loss_coef.
+  // mask [batch, seq] (1 = token) leaves padding out.
+  at::Tensor aux_loss(std::optional<double> coef = std::nullopt,
+                      const std::optional<at::Tensor>& mask = std::nullopt) const;
+  // The adapted projections: {module path, layer index, projection}, layer by
+  // layer in projection_names() order.
+  struct AdaptedProjection {
+    std::string path;  // "model.layers.3.self_attn.q_proj"
+    int64_t layer;
+    AdaptableLinear module;
+  };
+  std::vector<AdaptedProjection> adapted_projections() const;
+
+  // The checkpoint's name, recorded as base_model_name in adapters: config.json's
+  // "_name_or_path" when set, else the checkpoint directory's name.
+  std::string name_or_path;
+
   DecoderModel model{nullptr};
   torch::nn::Linear lm_head{nullptr};  // null when tied to model.embed_tokens
+
+ private:
+  std::optional<ResolvedAdapter> adapter_;
 };
 TORCH_MODULE(CausalLM);
 

@@ -2,6 +2,12 @@
 // (design 2.1), thin over mola::ops::moe_lora. Its parameter names equal the
 // Python mola.MoLALinear's (base.weight, base.bias, router, lora_a, lora_b), so
 // state dicts move between the two.
+//
+// MoLAAdapter is the same layer without the base: the router and the experts,
+// applied to a weight owned by someone else. The C++ models use it, as the child
+// "mola" of a projection that keeps its own "weight", so checkpoint keys stay
+// Hugging Face's and adapter keys read "...q_proj.mola.lora_a" (design.md 6.4).
+// Both modules share the checks, the initialisation and the op call below.
 #pragma once
 
 #include <mola/ops.h>
@@ -11,6 +17,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace mola::nn {
 
@@ -30,16 +37,29 @@ struct MoLALinearOptions {
   TORCH_ARG(int64_t, layer_index) = -1;
 };
 
+namespace detail {
+// The option checks both modules apply; messages start with `who`.
+void check_options(const MoLALinearOptions& options, const char* who);
+// LoRA's initialisation (methods.md 1.1, the authors' code): router and A
+// Kaiming-uniform with a = sqrt(5) per expert matrix, i.e. U(-1/sqrt(in),
+// 1/sqrt(in)); B zero, so a fresh adapter computes exactly the base layer.
+void reset_adapter_parameters(at::Tensor& router, at::Tensor& lora_a, at::Tensor& lora_b);
+// ops::moe_lora with the options' k, scaling, dropout and compute; draws the
+// dropout seed when training with dropout. Returns y and the router logits.
+std::tuple<at::Tensor, at::Tensor> adapter_forward(const MoLALinearOptions& options, bool training,
+                                                   const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& router,
+                                                   const at::Tensor& lora_a, const at::Tensor& lora_b);
+}  // namespace detail
+
 class MoLALinearImpl : public torch::nn::Module {
  public:
   explicit MoLALinearImpl(const MoLALinearOptions& options);
   // Wraps an existing (pretrained) linear layer; its sizes and bias come from it.
   MoLALinearImpl(torch::nn::Linear base, MoLALinearOptions options);
 
-  // LoRA's initialisation (methods.md 1.1, the authors' code): router and A
-  // Kaiming-uniform with a = sqrt(5) per expert matrix, i.e. U(-1/sqrt(in),
-  // 1/sqrt(in)); B zero, so a fresh module computes exactly the base layer.
-  void reset_parameters();
+  // detail::reset_adapter_parameters: B zero, so a fresh module is the base layer.
+  void reset_parameters() { detail::reset_adapter_parameters(router, lora_a, lora_b); }
 
   // y = base(x) + the routed experts; keeps the router logits in router_logits.
   at::Tensor forward(const at::Tensor& x);
@@ -58,5 +78,28 @@ class MoLALinearImpl : public torch::nn::Module {
 };
 
 TORCH_MODULE(MoLALinear);
+
+// The router and experts of one adapted layer, without the base layer: its
+// forward takes the frozen weight and bias as arguments. in_features and
+// out_features come from the options (bias is ignored); the parameters are
+// created with `tensor_options` (the base weight's dtype and device).
+class MoLAAdapterImpl : public torch::nn::Module {
+ public:
+  MoLAAdapterImpl(const MoLALinearOptions& options, const at::TensorOptions& tensor_options);
+
+  void reset_parameters() { detail::reset_adapter_parameters(router, lora_a, lora_b); }
+  // x W^T + b + the routed experts; keeps the router logits in router_logits.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+  double scaling() const { return options.alpha() / static_cast<double>(options.rank()); }
+
+  MoLALinearOptions options;
+  at::Tensor router;         // [E, in]
+  at::Tensor lora_a;         // [E, r, in]
+  at::Tensor lora_b;         // [E, out, r]
+  at::Tensor router_logits;  // [T, E] of the last forward
+};
+
+TORCH_MODULE(MoLAAdapter);
 
 }  // namespace mola::nn

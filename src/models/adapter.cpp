@@ -1,0 +1,283 @@
+// Adapters on the C++ decoder (mola/models/adapter.h and the adapter members
+// of CausalLM in decoder.h): attaching MoLA or LoRA to the projections, the
+// balance loss over the last forward's router logits, and the two adapter
+// files. Apart from decoder.cpp because none of it is needed to run a base
+// model, and the file format is a contract of its own (design.md 6.4).
+#include "mola/models/adapter.h"
+
+#include <mola/io/safetensors.h>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+namespace mola::models {
+namespace {
+
+template <class... Parts>
+std::string cat(const Parts&... parts) {
+  std::ostringstream o;
+  (o << ... << parts);
+  return o.str();
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << '[';
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << ']';
+  return o.str();
+}
+
+std::string layer_path(int64_t layer) { return cat("model.layers.", layer); }
+
+// "a", "b", "c" and 3 more: for messages listing keys.
+std::string list_some(const std::vector<std::string>& names) {
+  std::string out;
+  for (size_t i = 0; i < names.size() && i < 5; ++i) out += cat(i ? ", " : "", "\"", names[i], "\"");
+  if (names.size() > 5) out += cat(" and ", names.size() - 5, " more");
+  return out;
+}
+
+bool is_dir(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+// mkdir -p with POSIX calls (no <filesystem>: see src/config.cpp).
+void make_dirs(const std::string& dir) {
+  for (size_t pos = 1; pos <= dir.size(); ++pos) {
+    if (pos != dir.size() && dir[pos] != '/') continue;
+    const std::string prefix = dir.substr(0, pos);
+    if (::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST)
+      throw std::runtime_error(cat("save_adapter: cannot create directory \"", prefix, "\": ", std::strerror(errno)));
+  }
+  if (!is_dir(dir))
+    throw std::runtime_error(cat("save_adapter: \"", dir, "\" exists and is not a directory; give a directory path"));
+}
+
+// The file keys of `r` on `model` with the shapes they must have: router [E, in],
+// lora_a [E, r, in], lora_b [E, out, r] for every layer and target.
+std::map<std::string, std::vector<int64_t>> expected_shapes(const CausalLMImpl& model, const ResolvedAdapter& r) {
+  std::map<std::string, std::vector<int64_t>> out;
+  for (int64_t l = 0; l < r.num_layers; ++l) {
+    const auto* layer = model.model->layers->ptr(static_cast<size_t>(l))->as<DecoderLayerImpl>();
+    for (const auto& name : projection_names()) {
+      if (std::find(r.targets.begin(), r.targets.end(), name) == r.targets.end()) continue;
+      const AdaptableLinear p = layer->projection(name);
+      const std::string key = cat(layer_path(l), ".", DecoderLayerImpl::projection_path(name), ".mola.");
+      const auto i = static_cast<size_t>(l);
+      out[key + "router"] = {r.experts[i], p->in_features};
+      out[key + "lora_a"] = {r.experts[i], r.rank[i], p->in_features};
+      out[key + "lora_b"] = {r.experts[i], p->out_features, r.rank[i]};
+    }
+  }
+  return out;
+}
+
+// Throws ConfigError when `attached` and `loaded` would build different modules.
+void check_same_adapter(const ResolvedAdapter& attached, const ResolvedAdapter& loaded, const std::string& source) {
+  if (attached.targets != loaded.targets)
+    throw ConfigError(cat(source, ": targets differ from the attached adapter's; load into a model without an "
+                                  "adapter, or attach the config of this file"));
+  const struct {
+    const char* field;
+    const std::vector<int64_t>& a;
+    const std::vector<int64_t>& b;
+  } fields[] = {{"experts", attached.experts, loaded.experts},
+                {"top_k", attached.top_k, loaded.top_k},
+                {"rank", attached.rank, loaded.rank}};
+  for (const auto& f : fields)
+    for (size_t l = 0; l < f.a.size(); ++l)
+      if (f.a[l] != f.b[l])
+        throw ConfigError(cat(source, ": layer ", l, " (", layer_path(static_cast<int64_t>(l)), ") has ", f.field,
+                              " ", f.b[l], " in the file but the attached adapter has ", f.field, " ", f.a[l],
+                              "; load into a model without an adapter, or attach the config of this file"));
+  if (attached.scaling != loaded.scaling)
+    throw ConfigError(cat(source, ": alpha ", loaded.alpha, " differs from the attached adapter's ", attached.alpha));
+}
+
+}  // namespace
+
+// ---- CausalLM's adapter members ---------------------------------------------------------
+
+void CausalLMImpl::attach(const AdapterConfig& cfg) { attach(cfg.resolve(config().num_hidden_layers)); }
+
+void CausalLMImpl::attach(const ResolvedAdapter& r) {
+  if (adapter_)
+    throw std::logic_error("CausalLM.attach: the model already has an adapter; build or load a fresh model to "
+                           "attach another");
+  if (r.num_layers != config().num_hidden_layers)
+    throw ConfigError(cat("CausalLM.attach: the adapter is for ", r.num_layers, " layers but the model has ",
+                          config().num_hidden_layers, "; resolve the config for this model"));
+  for (const auto& t : r.targets)
+    if (std::find(projection_names().begin(), projection_names().end(), t) == projection_names().end())
+      throw ConfigError(cat("targets: \"", t, "\" is not a projection of the ", config().model_type,
+                            " decoder; did you mean \"", mola::detail::nearest_name(t, projection_names()),
+                            "\"? Valid targets: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"));
+  const ops::Compute compute = ops::parse_compute(r.compute);
+  for (int64_t l = 0; l < r.num_layers; ++l) {
+    const auto* layer = model->layers->ptr(static_cast<size_t>(l))->as<DecoderLayerImpl>();
+    const auto i = static_cast<size_t>(l);
+    for (const auto& name : projection_names()) {
+      if (std::find(r.targets.begin(), r.targets.end(), name) == r.targets.end()) continue;
+      AdaptableLinear p = layer->projection(name);
+      const auto options = nn::MoLALinearOptions(p->in_features, p->out_features)
+                               .bias(p->bias.defined())
+                               .num_experts(r.experts[i])
+                               .top_k(r.top_k[i])
+                               .rank(r.rank[i])
+                               .alpha(r.alpha)
+                               .dropout(r.dropout)
+                               .compute(compute)
+                               .layer_index(l);
+      p->attach(nn::MoLAAdapter(options, p->weight.options()));
+      p->mola->train(is_training());
+    }
+  }
+  // Only the routers and experts train (design.md 2.1).
+  for (auto& param : parameters(/*recurse=*/true)) param.requires_grad_(false);
+  for (const auto& a : adapted_projections())
+    for (auto& param : a.module->mola->parameters()) param.requires_grad_(true);
+  adapter_ = r;
+  if (adapter_->base_model_name.empty()) adapter_->base_model_name = name_or_path;
+}
+
+const ResolvedAdapter& CausalLMImpl::adapter_config() const {
+  if (!adapter_) throw std::logic_error("CausalLM.adapter_config: no adapter is attached; call attach() first");
+  return *adapter_;
+}
+
+std::vector<CausalLMImpl::AdaptedProjection> CausalLMImpl::adapted_projections() const {
+  std::vector<AdaptedProjection> out;
+  for (int64_t l = 0; l < config().num_hidden_layers; ++l) {
+    const auto* layer = model->layers->ptr(static_cast<size_t>(l))->as<DecoderLayerImpl>();
+    for (const auto& name : projection_names()) {
+      AdaptableLinear p = layer->projection(name);
+      if (p->attached()) out.push_back({cat(layer_path(l), ".", DecoderLayerImpl::projection_path(name)), l, p});
+    }
+  }
+  return out;
+}
+
+at::Tensor CausalLMImpl::aux_loss(std::optional<double> coef, const std::optional<at::Tensor>& mask) const {
+  const ResolvedAdapter& r = adapter_config();
+  std::vector<std::vector<at::Tensor>> per_layer(static_cast<size_t>(r.num_layers));
+  for (const auto& a : adapted_projections()) {
+    const at::Tensor& logits = a.module->mola->router_logits;  // [tokens, E]
+    if (!logits.defined())
+      throw std::logic_error(cat("CausalLM.aux_loss: ", a.path, " has no router logits; run a forward first"));
+    per_layer[static_cast<size_t>(a.layer)].push_back(logits);
+  }
+  std::vector<at::Tensor> stacked;
+  for (auto& logits : per_layer) stacked.push_back(at::cat(logits, 0));  // [modules * tokens, E_l]
+  std::optional<at::Tensor> token_mask;
+  if (mask && mask->defined()) token_mask = mask->reshape({-1}).ne(0);  // [batch * seq]
+  return ops::load_balancing_loss(stacked, r.top_k, coef.value_or(r.aux_loss_coef), token_mask);
+}
+
+// ---- files ----------------------------------------------------------------------------
+
+std::map<std::string, at::Tensor> adapter_state_dict(const CausalLMImpl& model) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& a : model.adapted_projections()) {
+    out[a.path + ".mola.router"] = a.module->mola->router;
+    out[a.path + ".mola.lora_a"] = a.module->mola->lora_a;
+    out[a.path + ".mola.lora_b"] = a.module->mola->lora_b;
+  }
+  return out;
+}
+
+void save_adapter(const CausalLMImpl& model, const std::string& dir) {
+  if (!model.has_adapter())
+    throw std::logic_error("save_adapter: the model has no adapter; call attach() or load_adapter() first");
+  make_dirs(dir);
+  const std::string config_path = dir + "/" + kAdapterConfigFile;
+  const std::string tmp = cat(config_path, ".tmp.", ::getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << model.adapter_config().to_json().dump(2) << "\n";
+    out.close();
+    if (!out) throw std::runtime_error(cat("save_adapter: cannot write \"", tmp, "\"; check space and permissions"));
+  }
+  if (std::rename(tmp.c_str(), config_path.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    std::remove(tmp.c_str());
+    throw std::runtime_error(cat("save_adapter: cannot rename \"", tmp, "\" to \"", config_path, "\": ", why));
+  }
+  std::map<std::string, at::Tensor> tensors;
+  for (const auto& [key, t] : adapter_state_dict(model)) tensors[key] = t.detach();
+  io::save_safetensors(dir + "/" + kAdapterWeightsFile, tensors,
+                       {{"format", "pt"}, {"method", model.adapter_config().method}});
+}
+
+void load_adapter(CausalLMImpl& model, const std::string& dir) {
+  const std::string config_path = dir + "/" + kAdapterConfigFile;
+  const std::string weights_path = dir + "/" + kAdapterWeightsFile;
+  if (!is_dir(dir))
+    throw ModelFileNotFoundError(cat(dir, ": no such adapter directory; give the directory save_adapter wrote"));
+  for (const auto& path : {config_path, weights_path})
+    if (!exists(path))
+      throw ModelFileNotFoundError(cat(path, " does not exist; an adapter directory holds ", kAdapterConfigFile,
+                                       " and ", kAdapterWeightsFile));
+
+  ResolvedAdapter r;
+  {
+    std::ifstream in(config_path);
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) throw ConfigError(cat(config_path, " is not valid JSON"));
+    try {
+      r = ResolvedAdapter::from_json(j);
+    } catch (const ConfigError& e) {
+      throw ConfigError(cat(config_path, ": ", e.what()));
+    }
+  }
+  if (r.num_layers != model.config().num_hidden_layers)
+    throw ConfigError(cat(config_path, ": the adapter is for ", r.num_layers, " layers but the model has ",
+                          model.config().num_hidden_layers, "; it was trained on another base model"));
+  if (model.has_adapter()) check_same_adapter(model.adapter_config(), r, config_path);
+
+  // Check every tensor before touching the model.
+  std::map<std::string, at::Tensor> loaded = io::load_safetensors(weights_path);
+  const auto expected = expected_shapes(model, r);
+  std::vector<std::string> missing, unexpected;
+  for (const auto& [key, shape] : expected) {
+    const auto it = loaded.find(key);
+    if (it == loaded.end()) {
+      missing.push_back(key);
+      continue;
+    }
+    if (it->second.sizes() != at::IntArrayRef(shape))
+      throw std::invalid_argument(cat(weights_path, ": \"", key, "\" has shape ", shape_str(it->second.sizes()),
+                                      " but ", kAdapterConfigFile, " and the model need ", shape_str(shape),
+                                      "; the two files do not belong together"));
+  }
+  for (const auto& [key, t] : loaded)
+    if (!expected.count(key)) unexpected.push_back(key);
+  if (!missing.empty())
+    throw std::invalid_argument(cat(weights_path, ": lacks ", missing.size(), " tensor(s) ", kAdapterConfigFile,
+                                    " calls for: ", list_some(missing)));
+  if (!unexpected.empty())
+    throw std::invalid_argument(cat(weights_path, ": has ", unexpected.size(), " tensor(s) ", kAdapterConfigFile,
+                                    " does not call for: ", list_some(unexpected),
+                                    "; check that its targets match the file"));
+
+  if (!model.has_adapter()) model.attach(r);
+  at::NoGradGuard no_grad;
+  for (auto& [key, param] : adapter_state_dict(model)) param.copy_(loaded.at(key));  // casts dtype, moves device
+}
+
+}  // namespace mola::models
