@@ -22,6 +22,7 @@
 
 namespace py = pybind11;
 using mola::models::CausalLMImpl;
+using mola::models::KVCache;
 
 namespace {
 
@@ -81,6 +82,12 @@ void mola_bind_models(py::module_& m) {
   output_type->attr("__doc__") = "CausalLM's output: logits [batch, seq, vocab] and the loss (None without labels).";
   m.attr("CausalLMOutput") = *output_type;
 
+  py::class_<KVCache>(m, "KVCache",
+                      "The past keys and values of every layer, for CausalLM.forward(ids, cache=cache): each call "
+                      "appends its tokens, numbered after the cached ones.")
+      .def(py::init<>())
+      .def_property_readonly("length", &KVCache::length, "How many tokens the cache holds.");
+
   py::class_<CausalLMImpl, std::shared_ptr<CausalLMImpl>>(
       m, "CausalLM",
       "mola's C++ decoder (llama, mistral, gemma) with Hugging Face's parameter names. "
@@ -100,15 +107,21 @@ void mola_bind_models(py::module_& m) {
       .def(
           "forward",
           [](CausalLMImpl& self, const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
-             const std::optional<at::Tensor>& labels) { return output_tuple(self.forward(input_ids, attention_mask, labels)); },
+             const std::optional<at::Tensor>& labels, KVCache* cache) {
+            return output_tuple(self.forward(input_ids, attention_mask, labels, cache));
+          },
           py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none(),
+          py::arg("cache") = py::none(),
           "CausalLMOutput(logits [batch, seq, vocab], loss or None), a namedtuple. labels are unshifted, -100 "
           "where no loss is taken.")
       .def(
           "__call__",
           [](CausalLMImpl& self, const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
-             const std::optional<at::Tensor>& labels) { return output_tuple(self.forward(input_ids, attention_mask, labels)); },
-          py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none())
+             const std::optional<at::Tensor>& labels, KVCache* cache) {
+            return output_tuple(self.forward(input_ids, attention_mask, labels, cache));
+          },
+          py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("labels") = py::none(),
+          py::arg("cache") = py::none())
       .def(
           "state_dict",
           [](CausalLMImpl& self) {
@@ -161,6 +174,30 @@ void mola_bind_models(py::module_& m) {
           "load_adapter", [](CausalLMImpl& self, const std::string& dir) { mola::models::load_adapter(self, dir); },
           py::arg("directory"),
           "Loads an adapter directory, attaching its config first when the model has no adapter.")
+      .def(
+          "generate",
+          [](CausalLMImpl& self, const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
+             int64_t max_new_tokens, bool do_sample, double temperature, double top_p,
+             std::optional<uint64_t> seed) {
+            mola::models::GenerateOptions o;
+            o.max_new_tokens = max_new_tokens;
+            o.do_sample = do_sample;
+            o.temperature = temperature;
+            o.top_p = top_p;
+            o.seed = seed;
+            py::gil_scoped_release no_gil;
+            return self.generate(input_ids, o, attention_mask);
+          },
+          py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("max_new_tokens") = 20,
+          py::arg("do_sample") = false, py::arg("temperature") = 1.0, py::arg("top_p") = 1.0,
+          py::arg("seed") = py::none(),
+          "Continues input_ids [batch, seq] by up to max_new_tokens tokens with a KV cache: greedy, or sampled "
+          "(temperature, top_p; seed for a private generator). Rows stop at the config's eos and are padded after "
+          "it. Returns an int64 tensor [batch, seq + generated]. Padded batches raise ValueError (not supported yet).")
+      .def_property("gradient_checkpointing", &CausalLMImpl::gradient_checkpointing,
+                    &CausalLMImpl::set_gradient_checkpointing,
+                    "Recompute each decoder layer in backward instead of keeping its activations (training only).")
+      .def("set_gradient_checkpointing", &CausalLMImpl::set_gradient_checkpointing, py::arg("enabled") = true)
       .def_property_readonly("has_adapter", &CausalLMImpl::has_adapter)
       .def_property_readonly(
           "adapter_config", [](const CausalLMImpl& self) { return json_to_python(self.adapter_config().to_json()); },

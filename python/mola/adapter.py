@@ -9,6 +9,8 @@ Two files, the same ones the C++ model reads and writes:
   [E, r, in] and ``P.mola.lora_b`` [E, out, r].
 Safetensors only, never pickle. Each file is written under a temporary name and
 renamed, so an interrupted save never leaves a half-written file.
+Both functions also take a ``mola.CausalLM`` (the C++ model) and hand it to its
+own ``save_adapter`` / ``load_adapter``, which write and read the same files.
 """
 from __future__ import annotations
 
@@ -38,8 +40,18 @@ _DERIVED = ["num_layers", "scaling", "base_model_name"]  # written by resolve() 
 PathLike = Union[str, os.PathLike]
 
 
-def save_adapter(model: nn.Module, directory: PathLike) -> None:
-    """Write the adapter of an injected ``model`` to ``directory`` (created if needed)."""
+def _is_cpp_model(model: Any) -> bool:
+    """A ``mola.CausalLM``: the C++ model, which saves and loads its adapter itself."""
+    from ._models import CausalLM
+    return isinstance(model, CausalLM)
+
+
+def save_adapter(model: Union[nn.Module, Any], directory: PathLike) -> None:
+    """Write the adapter of an injected ``model`` (or a ``mola.CausalLM`` with an
+    attached adapter) to ``directory`` (created if needed)."""
+    if _is_cpp_model(model):
+        model.save_adapter(os.fspath(directory))
+        return
     from safetensors.torch import save_file
 
     resolved = _model_config(model, "save_adapter")
@@ -64,14 +76,19 @@ def save_adapter(model: nn.Module, directory: PathLike) -> None:
                   lambda tmp: _write_text(tmp, text))
 
 
-def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
+def load_adapter(model: Union[nn.Module, Any], directory: PathLike) -> Union[nn.Module, Any]:
     """Load the adapter in ``directory`` into ``model``; returns ``model``.
 
     A model without MoLALinear modules is first injected with the saved
     config. An injected model must match it layer by layer (experts, top_k,
     rank, scaling). Tensors load by name; a missing or unexpected key or a
-    shape mismatch is a ValueError that names the key.
+    shape mismatch is a ValueError that names the key. A ``mola.CausalLM``
+    loads it with its own ``load_adapter`` (attaching first when it has no
+    adapter; the C++ checks and errors apply).
     """
+    if _is_cpp_model(model):
+        model.load_adapter(os.fspath(directory))
+        return model
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

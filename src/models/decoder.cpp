@@ -50,10 +50,10 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 // cos and sin of the rotary angles, [1, seq, head_dim] in `dtype`, for
-// positions 0..seq-1 (Su et al. 2021). inv_freq = theta^(-2i/d) is computed
+// positions start..start+seq-1 (Su et al. 2021). inv_freq = theta^(-2i/d) is computed
 // in fp32 exactly as transformers' default rope init, and the angles are
 // duplicated over both halves to pair with rotate_half.
-std::pair<at::Tensor, at::Tensor> rotary_tables(int64_t seq, int64_t head_dim, double theta, at::ScalarType dtype,
+std::pair<at::Tensor, at::Tensor> rotary_tables(int64_t start, int64_t seq, int64_t head_dim, double theta, at::ScalarType dtype,
                                                 at::Device device) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   const at::Tensor exponents =
@@ -62,7 +62,8 @@ std::pair<at::Tensor, at::Tensor> rotary_tables(int64_t seq, int64_t head_dim, d
   const at::Tensor inv_freq = at::reciprocal(at::pow(theta, exponents));  // [d/2]
   // Positions 0..seq-1 for every row, as transformers' forward without
   // position_ids: right padding leaves every token's position unchanged.
-  const at::Tensor positions = at::arange(seq, f32);              // [seq]
+  // A KV cache of `start` tokens puts the new ones after it.
+  const at::Tensor positions = at::arange(start, start + seq, f32);  // [seq]
   const at::Tensor freqs = at::outer(positions, inv_freq);        // [seq, d/2]
   const at::Tensor angles = at::cat({freqs, freqs}, -1).unsqueeze(0);  // [1, seq, d]
   return {angles.cos().to(dtype), angles.sin().to(dtype)};
@@ -92,6 +93,21 @@ at::Tensor attention_mask_for(int64_t batch, int64_t seq, const std::optional<at
   return allowed.logical_or(allowed.any(-1, /*keepdim=*/true).logical_not());
 }
 
+// The mask [1, 1, seq, past + seq] for `seq` tokens after `past` cached
+// ones (no padding): causal from each query's own position, within the
+// window when there is one. Undefined when there is no past and plain causal
+// attention is exact.
+at::Tensor cached_attention_mask(int64_t past, int64_t seq, std::optional<int64_t> sliding_window,
+                                 at::Device device) {
+  if (past == 0 && !(sliding_window.has_value() && *sliding_window < seq)) return {};
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  const at::Tensor q = at::arange(past, past + seq, opts).view({seq, 1});  // [seq, 1]
+  const at::Tensor kv = at::arange(past + seq, opts).view({1, past + seq});  // [1, past + seq]
+  at::Tensor allowed = kv.le(q);
+  if (sliding_window.has_value()) allowed = allowed.logical_and(kv.gt(q - *sliding_window));
+  return allowed.view({1, 1, seq, past + seq});
+}
+
 // config.json's "_name_or_path" (what transformers' save_pretrained records)
 // when it is a non-empty string, else the directory's last component.
 std::string checkpoint_name(const std::string& dir) {
@@ -117,7 +133,8 @@ DecoderModelImpl::DecoderModelImpl(const ModelConfig& c) : config(c) {
   norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.family == ModelFamily::kGemma));
 }
 
-at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask) {
+at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
+                                     KVCache* cache) {
   const int64_t batch = input_ids.size(0), seq = input_ids.size(1);
   at::Tensor h = embed_tokens->forward(input_ids);  // [batch, seq, hidden]
   if (config.family == ModelFamily::kGemma) {
@@ -126,11 +143,26 @@ at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::opt
     const double factor = std::sqrt(static_cast<double>(config.hidden_size));
     h = h * at::scalar_tensor(factor, at::TensorOptions().dtype(at::kFloat).device(h.device())).to(h.scalar_type());
   }
-  const auto [cos, sin] = rotary_tables(seq, config.head_dim, config.rope_theta, h.scalar_type(), h.device());
+  const int64_t past = cache != nullptr ? cache->length() : 0;
+  const auto [cos, sin] = rotary_tables(past, seq, config.head_dim, config.rope_theta, h.scalar_type(), h.device());
   const std::optional<int64_t> window =
       config.family == ModelFamily::kMistral ? config.sliding_window : std::optional<int64_t>{};
+  if (cache != nullptr) {
+    require(!attention_mask.has_value() || attention_mask->ne(0).all().item<bool>(),
+            "CausalLM.forward: a KV cache works with unpadded batches only; attention_mask has zeros");
+    cache->keys.resize(layers->size());
+    cache->values.resize(layers->size());
+    const at::Tensor mask = cached_attention_mask(past, seq, window, h.device());
+    for (size_t i = 0; i < layers->size(); ++i)
+      h = (*layers)[i]->as<DecoderLayerImpl>()->forward(h, cos, sin, mask, &cache->keys[i], &cache->values[i]);
+    return norm->forward(h);
+  }
   const at::Tensor mask = attention_mask_for(batch, seq, attention_mask, window, h.device());
-  for (const auto& layer : *layers) h = layer->as<DecoderLayerImpl>()->forward(h, cos, sin, mask);
+  const bool checkpoint = gradient_checkpointing && is_training() && at::GradMode::is_enabled();
+  for (const auto& layer : *layers) {
+    auto& l = *layer->as<DecoderLayerImpl>();
+    h = checkpoint ? checkpointed_layer_forward(l, h, cos, sin, mask) : l.forward(h, cos, sin, mask);
+  }
   return norm->forward(h);
 }
 
@@ -152,7 +184,7 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c) {
 }
 
 CausalLMOutput CausalLMImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
-                                     const std::optional<at::Tensor>& labels) {
+                                     const std::optional<at::Tensor>& labels, KVCache* cache) {
   require(input_ids.dim() == 2 && !at::isFloatingType(input_ids.scalar_type()),
                     "CausalLM.forward: input_ids must be integer token ids of shape [batch, seq], got ",
                     input_ids.scalar_type(), " of shape ", shape_str(input_ids.sizes()));
@@ -167,7 +199,7 @@ CausalLMOutput CausalLMImpl::forward(const at::Tensor& input_ids, const std::opt
                       shape_str(labels->sizes()), " but input_ids has ", shape_str(input_ids.sizes()),
                       "; give one label per token (-100 where no loss is taken), unshifted");
 
-  const at::Tensor h = model->forward(input_ids, attention_mask);  // [batch, seq, hidden]
+  const at::Tensor h = model->forward(input_ids, attention_mask, cache);  // [batch, seq, hidden]
   CausalLMOutput out;
   out.logits = lm_head ? lm_head->forward(h) : at::linear(h, model->embed_tokens->weight);  // [batch, seq, vocab]
   if (labels) {

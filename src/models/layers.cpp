@@ -89,7 +89,7 @@ AttentionImpl::AttentionImpl(const ModelConfig& c)
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                                  const at::Tensor& mask) {
+                                  const at::Tensor& mask, at::Tensor* past_key, at::Tensor* past_value) {
   const int64_t batch = x.size(0), seq = x.size(1);
   // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
   at::Tensor q = q_proj->forward(x).view({batch, seq, num_heads, head_dim}).transpose(1, 2);
@@ -102,6 +102,18 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, co
   q = q * c + rotate_half(q) * s;
   k = k * c + rotate_half(k) * s;
 
+  // KV cache: the keys (rotated at their own positions) and values of the
+  // earlier tokens come first; the mask then covers all of them.
+  if (past_key != nullptr && past_value != nullptr) {
+    if (past_key->defined()) {
+      k = at::cat({*past_key, k}, 2);    // [batch, kv_heads, past + seq, head_dim]
+      v = at::cat({*past_value, v}, 2);  // [batch, kv_heads, past + seq, head_dim]
+    }
+    *past_key = k;
+    *past_value = v;
+  }
+  const int64_t kv_len = k.size(2);
+
   // Grouped-query attention (Ainslie et al. 2023): query head h reads
   // key/value head h / group. Without a mask SDPA takes the kv heads as they
   // are (enable_gqa), which its fused kernels support up to head_dim 256;
@@ -112,8 +124,12 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos, co
   const bool native_gqa = group > 1 && !mask.defined() && head_dim <= 256;
   if (group > 1 && !native_gqa) {
     // [batch, kv_heads, seq, d] -> [batch, kv_heads, group, seq, d] -> [batch, heads, seq, d]
-    k = k.unsqueeze(2).expand({batch, num_kv_heads, group, seq, head_dim}).reshape({batch, num_heads, seq, head_dim});
-    v = v.unsqueeze(2).expand({batch, num_kv_heads, group, seq, head_dim}).reshape({batch, num_heads, seq, head_dim});
+    k = k.unsqueeze(2)
+            .expand({batch, num_kv_heads, group, kv_len, head_dim})
+            .reshape({batch, num_heads, kv_len, head_dim});
+    v = v.unsqueeze(2)
+            .expand({batch, num_kv_heads, group, kv_len, head_dim})
+            .reshape({batch, num_heads, kv_len, head_dim});
   }
 
   // Without padding or a window the causal flag lets SDPA pick its fused
@@ -175,8 +191,8 @@ std::string DecoderLayerImpl::projection_path(const std::string& name) {
 }
 
 at::Tensor DecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                                     const at::Tensor& mask) {
-  const at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, mask);
+                                     const at::Tensor& mask, at::Tensor* past_key, at::Tensor* past_value) {
+  const at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, mask, past_key, past_value);
   return h + mlp->forward(post_attention_layernorm->forward(h));
 }
 

@@ -18,8 +18,10 @@
 // one. attach, aux_loss and the adapter files are in src/models/adapter.cpp
 // (free functions in mola/models/adapter.h).
 //
-// Not here yet (the next steps): a KV cache and generation, gradient
-// checkpointing per layer.
+// Generation (src/models/generate.cpp): a KVCache of past keys and values
+// per layer, and CausalLM::generate, greedy or sampled. Gradient
+// checkpointing per layer (src/models/checkpoint.cpp):
+// CausalLM::set_gradient_checkpointing.
 #pragma once
 
 #include <mola/config.h>
@@ -40,6 +42,14 @@
 #include <vector>
 
 namespace mola::models {
+
+// The past keys and values of every layer, [batch, kv_heads, past, head_dim]
+// each, before the grouped-query repeat. A forward given a cache appends the
+// new tokens' keys and values and numbers its tokens from length() on.
+struct KVCache {
+  std::vector<at::Tensor> keys, values;  // one per layer; undefined before the first forward
+  int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
+};
 
 // A linear layer y = x W^T + b under a Hugging Face module name, with an
 // optional MoLA adapter. The parameters are "weight" [out, in] and "bias"
@@ -84,8 +94,11 @@ class AttentionImpl : public torch::nn::Module {
   explicit AttentionImpl(const ModelConfig& config);
   // x [batch, seq, hidden]; cos, sin [batch, seq, head_dim] in x's dtype;
   // mask: a boolean [batch, 1, seq, seq] (true = may attend) or undefined for
-  // plain causal attention.
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask);
+  // plain causal attention. With past_key and past_value (a KVCache's
+  // entries for this layer) the new keys and values are appended to them and
+  // attended to with the past; mask is then [batch, 1, seq, past + seq].
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask,
+                     at::Tensor* past_key = nullptr, at::Tensor* past_value = nullptr);
 
   int64_t num_heads, num_kv_heads, head_dim;
   AdaptableLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
@@ -107,7 +120,8 @@ TORCH_MODULE(MLP);
 class DecoderLayerImpl : public torch::nn::Module {
  public:
   explicit DecoderLayerImpl(const ModelConfig& config);
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask,
+                     at::Tensor* past_key = nullptr, at::Tensor* past_value = nullptr);
 
   // The projection called `name` (one of projection_names()).
   AdaptableLinear projection(const std::string& name) const;
@@ -120,19 +134,43 @@ class DecoderLayerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(DecoderLayer);
 
+// layer.forward(x, cos, sin, mask) without keeping its activations: the
+// layer runs without autograd, and backward runs it again (same dropout
+// masks: the default CPU generator's state is replayed) to get the gradients
+// of x and of the layer's trainable parameters. The adapters' router_logits
+// stay differentiable, so aux_loss trains the routers as without
+// checkpointing. src/models/checkpoint.cpp.
+at::Tensor checkpointed_layer_forward(DecoderLayerImpl& layer, const at::Tensor& x, const at::Tensor& cos,
+                                      const at::Tensor& sin, const at::Tensor& mask);
+
 // The stack under "model.": embed_tokens, layers.N, norm. Returns the final
 // normed hidden states [batch, seq, hidden].
 class DecoderModelImpl : public torch::nn::Module {
  public:
   explicit DecoderModelImpl(const ModelConfig& config);
-  at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask);
+  // With a cache, the tokens continue it (positions from cache->length()) and
+  // their keys and values are appended; attention_mask must then be absent
+  // or all ones.
+  at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
+                     KVCache* cache = nullptr);
 
   ModelConfig config;
+  // Recompute each layer in backward (training, grad mode on, no cache).
+  bool gradient_checkpointing = false;
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers;
   RMSNorm norm{nullptr};
 };
 TORCH_MODULE(DecoderModel);
+
+// CausalLM::generate's settings (transformers' GenerationConfig names).
+struct GenerateOptions {
+  int64_t max_new_tokens = 20;
+  bool do_sample = false;     // false: greedy (argmax)
+  double temperature = 1.0;   // sampling only; > 0
+  double top_p = 1.0;         // sampling only; nucleus in (0, 1]
+  std::optional<uint64_t> seed;  // sampling: a private generator; none: torch's default one
+};
 
 struct CausalLMOutput {
   at::Tensor logits;  // [batch, seq, vocab] in the model's dtype
@@ -158,8 +196,22 @@ class CausalLMImpl : public torch::nn::Module {
   // tokens and 0 for padding; labels [batch, seq] with -100 where no loss is
   // taken. loss = mean cross-entropy of logits[:, t] against labels[:, t+1]
   // over the labels that are not -100 (transformers' ForCausalLMLoss).
+  // With a cache the tokens continue the cached ones (see DecoderModel).
   CausalLMOutput forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask = {},
-                         const std::optional<at::Tensor>& labels = {});
+                         const std::optional<at::Tensor>& labels = {}, KVCache* cache = nullptr);
+
+  // Continues every row of input_ids [batch, seq] by up to max_new_tokens
+  // tokens with a KV cache, without autograd. A row stops at an eos token of
+  // the config and is filled with pad_token_id (else the first eos) after
+  // it; generation ends early when every row has stopped. Returns [batch,
+  // seq + generated] int64. attention_mask, when given, must be all ones:
+  // padded batches throw std::invalid_argument (not supported yet).
+  at::Tensor generate(const at::Tensor& input_ids, const GenerateOptions& options = {},
+                      const std::optional<at::Tensor>& attention_mask = {});
+
+  // Gradient checkpointing per decoder layer (see checkpointed_layer_forward).
+  void set_gradient_checkpointing(bool on) { model->gradient_checkpointing = on; }
+  bool gradient_checkpointing() const { return model->gradient_checkpointing; }
 
   // Copies `weights` (checkpoint names) into the parameters after the checks
   // described at from_pretrained; `source` names the checkpoint in messages.
