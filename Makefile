@@ -20,7 +20,7 @@ export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_f
 .PHONY: help run test setup install-debs install-python build test-cpp test-python bench clean
 
 help:
-	@echo "make run    - set up, build and run the main example (synthetic MoLA regression)"
+	@echo "make run    - set up, build, fine-tune the bundled tiny llama on ScienceQA with MoLA, write a report"
 	@echo "make test   - set up, build and run the C++ (ctest) and Python (pytest) tests"
 	@echo "make bench  - the CPU layer benchmark (bench/layer.py), JSON to bench/results/"
 
@@ -65,8 +65,15 @@ test-python: build
 
 test: test-cpp test-python
 
+# The main job: MoLA (preset 2468 over the 5 layers, top-2) on the bundled
+# pretrained tiny llama, ScienceQA train -> test, then the report.
+RUN_RECIPE ?= configs/recipes/tiny/scienceqa-2468.json
+RUN_OUT    ?= out/tiny/scienceqa-2468
 run: build
-	$(PY) examples/python/train_synthetic.py
+	@start=$$(date +%s); \
+	$(PY) -m mola train $(RUN_RECIPE) --set output_dir=$(RUN_OUT) --set train.resume=true; \
+	$(PY) -m mola report $(RUN_OUT); \
+	echo "make run: $$(( $$(date +%s) - start )) s; open $(RUN_OUT)/report.html"
 
 bench: build
 	$(PY) bench/layer.py

@@ -4,6 +4,8 @@
 // value, the rule it broke and how to fix it.
 #include "mola/config.h"
 
+#include "detail/text.h"
+
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -35,12 +37,7 @@ constexpr NamedPreset kPresets[] = {
 const char* const kGroupListRule =
     "a group list is 4 positive whole numbers separated by '-' or ',' (e.g. \"10-2-2-2\")";
 
-template <class... Parts>
-std::string cat(const Parts&... parts) {
-  std::ostringstream o;
-  (o << ... << parts);
-  return o.str();
-}
+using mola::detail::cat;
 
 template <class... Parts>
 [[noreturn]] void fail(const Parts&... parts) {

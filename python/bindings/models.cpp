@@ -193,7 +193,8 @@ void mola_bind_models(py::module_& m) {
           py::arg("seed") = py::none(),
           "Continues input_ids [batch, seq] by up to max_new_tokens tokens with a KV cache: greedy, or sampled "
           "(temperature, top_p; seed for a private generator). Rows stop at the config's eos and are padded after "
-          "it. Returns an int64 tensor [batch, seq + generated]. Padded batches raise ValueError (not supported yet).")
+          "it. Returns an int64 tensor [batch, seq + generated]. attention_mask (1 = token, 0 = padding) allows a "
+          "left-padded batch, generated as transformers' generate does; right padding raises ValueError.")
       .def_property("gradient_checkpointing", &CausalLMImpl::gradient_checkpointing,
                     &CausalLMImpl::set_gradient_checkpointing,
                     "Recompute each decoder layer in backward instead of keeping its activations (training only).")

@@ -6,6 +6,11 @@
 
 void mola_bind_config(pybind11::module_& m);
 void mola_bind_models(pybind11::module_& m);
+void mola_bind_data(pybind11::module_& m);
+void mola_bind_train(pybind11::module_& m);
+void mola_bind_convert(pybind11::module_& m);
+void mola_bind_evaluate(pybind11::module_& m);
+void mola_bind_run(pybind11::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mola's C++ core: the op library and its bindings";
@@ -16,4 +21,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
   mola_bind_config(m);
   mola_bind_models(m);
+  mola_bind_data(m);
+  mola_bind_train(m);
+  mola_bind_convert(m);
+  mola_bind_evaluate(m);
+  mola_bind_run(m);
 }

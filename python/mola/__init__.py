@@ -13,10 +13,16 @@ from .config import MoLAConfig, expand_preset, preset_names
 from .nn import MoLALinear, aux_loss
 from .inject import inject
 from .adapter import load_adapter, save_adapter
+from ._run import evaluate_recipe, load_recipe, train
+from .evaluation import EvalOptions, evaluate, majority_baseline, parse_answer
+from . import data
+from ._trainer import NonFiniteLossError, Trainer, TrainOptions
 
 __version__ = "0.1.0"
 built_with_cuda = _C.built_with_cuda
 
 __all__ = ["CausalLM", "MoLAConfig", "MoLALinear", "aux_loss", "ops", "expand_preset", "preset_names",
            "built_with_cuda", "__version__",
-           "inject", "save_adapter", "load_adapter"]
+           "inject", "save_adapter", "load_adapter", "train", "evaluate_recipe", "load_recipe", "data",
+           "EvalOptions", "evaluate", "majority_baseline", "parse_answer",
+           "Trainer", "TrainOptions", "NonFiniteLossError"]

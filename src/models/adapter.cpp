@@ -5,6 +5,8 @@
 // model, and the file format is a contract of its own (design.md 6.4).
 #include "mola/models/adapter.h"
 
+#include "detail/text.h"
+
 #include <mola/io/safetensors.h>
 
 #include <sys/stat.h>
@@ -22,12 +24,7 @@
 namespace mola::models {
 namespace {
 
-template <class... Parts>
-std::string cat(const Parts&... parts) {
-  std::ostringstream o;
-  (o << ... << parts);
-  return o.str();
-}
+using mola::detail::cat;
 
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream o;

@@ -5,6 +5,8 @@
 // as a shape error deep in the decoder.
 #include "mola/models/config.h"
 
+#include "detail/text.h"
+
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -20,12 +22,7 @@ namespace {
 
 using nlohmann::json;
 
-template <class... Parts>
-std::string cat(const Parts&... parts) {
-  std::ostringstream o;
-  (o << ... << parts);
-  return o.str();
-}
+using mola::detail::cat;
 
 // Reads fields of one config object; every message starts with the source.
 class Reader {

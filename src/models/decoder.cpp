@@ -5,6 +5,8 @@
 // layers.cpp.
 #include "mola/models/decoder.h"
 
+#include "detail/text.h"
+
 #include <mola/io/safetensors.h>
 
 #include <sys/stat.h>
@@ -19,12 +21,7 @@
 namespace mola::models {
 namespace {
 
-template <class... Parts>
-std::string cat(const Parts&... parts) {
-  std::ostringstream o;
-  (o << ... << parts);
-  return o.str();
-}
+using mola::detail::cat;
 
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream o;
@@ -49,24 +46,30 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// cos and sin of the rotary angles, [1, seq, head_dim] in `dtype`, for
-// positions start..start+seq-1 (Su et al. 2021). inv_freq = theta^(-2i/d) is computed
-// in fp32 exactly as transformers' default rope init, and the angles are
-// duplicated over both halves to pair with rotate_half.
-std::pair<at::Tensor, at::Tensor> rotary_tables(int64_t start, int64_t seq, int64_t head_dim, double theta, at::ScalarType dtype,
-                                                at::Device device) {
-  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+// cos and sin of the rotary angles, [rows, seq, head_dim] in `dtype`, for
+// the token positions `positions` [rows, seq] (int64; rows = 1 when every
+// row shares them, batch for per-row positions of a left-padded batch)
+// (Su et al. 2021). inv_freq = theta^(-2i/d) is computed in fp32 exactly as
+// transformers' default rope init; each angle is one fp32 product, as
+// transformers' inv_freq @ position_ids (inner dimension 1), and the angles
+// are duplicated over both halves to pair with rotate_half.
+std::pair<at::Tensor, at::Tensor> rotary_tables(const at::Tensor& positions, int64_t head_dim, double theta,
+                                                at::ScalarType dtype) {
+  const at::Device device = positions.device();
   const at::Tensor exponents =
       at::arange(0, head_dim, 2, at::TensorOptions().dtype(at::kLong).device(device)).to(at::kFloat) /
-      static_cast<double>(head_dim);                                  // [d/2]
+      static_cast<double>(head_dim);                                      // [d/2]
   const at::Tensor inv_freq = at::reciprocal(at::pow(theta, exponents));  // [d/2]
-  // Positions 0..seq-1 for every row, as transformers' forward without
-  // position_ids: right padding leaves every token's position unchanged.
-  // A KV cache of `start` tokens puts the new ones after it.
-  const at::Tensor positions = at::arange(start, start + seq, f32);  // [seq]
-  const at::Tensor freqs = at::outer(positions, inv_freq);        // [seq, d/2]
-  const at::Tensor angles = at::cat({freqs, freqs}, -1).unsqueeze(0);  // [1, seq, d]
+  const at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq;  // [rows, seq, d/2]
+  const at::Tensor angles = at::cat({freqs, freqs}, -1);                       // [rows, seq, d]
   return {angles.cos().to(dtype), angles.sin().to(dtype)};
+}
+
+// Positions start..start+seq-1 shared by every row, [1, seq]: transformers'
+// forward without position_ids, where right padding leaves every token's
+// position unchanged; a KV cache of `start` tokens puts the new ones after it.
+at::Tensor shared_positions(int64_t start, int64_t seq, at::Device device) {
+  return at::arange(start, start + seq, at::TensorOptions().dtype(at::kLong).device(device)).unsqueeze(0);
 }
 
 // The boolean attention mask [batch, 1, seq, seq] (true = may attend), or an
@@ -108,6 +111,25 @@ at::Tensor cached_attention_mask(int64_t past, int64_t seq, std::optional<int64_
   return allowed.view({1, 1, seq, past + seq});
 }
 
+// The mask [batch, 1, seq, past + seq] for `seq` new tokens after `past`
+// cached ones when `keep` [batch, past + seq] (true = token, false =
+// padding) marks padding among them: causal and windowed in the index of
+// the padded sequence (transformers' masks are built on cache positions;
+// with left padding the real tokens are contiguous, so the window counts
+// real tokens), and no query sees a padding key. A padding query that sees
+// nothing may see every key instead, as in attention_mask_for.
+at::Tensor padded_cached_attention_mask(const at::Tensor& keep, int64_t past, int64_t seq,
+                                        std::optional<int64_t> sliding_window) {
+  const int64_t batch = keep.size(0);
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(keep.device());
+  const at::Tensor q = at::arange(past, past + seq, opts).view({seq, 1});    // [seq, 1]
+  const at::Tensor kv = at::arange(past + seq, opts).view({1, past + seq});  // [1, past + seq]
+  at::Tensor allowed = kv.le(q);                                             // [seq, past + seq]
+  if (sliding_window.has_value()) allowed = allowed.logical_and(kv.gt(q - *sliding_window));
+  allowed = allowed.view({1, 1, seq, past + seq}).logical_and(keep.view({batch, 1, 1, past + seq}));
+  return allowed.logical_or(allowed.any(-1, /*keepdim=*/true).logical_not());  // [batch, 1, seq, past + seq]
+}
+
 // config.json's "_name_or_path" (what transformers' save_pretrained records)
 // when it is a non-empty string, else the directory's last component.
 std::string checkpoint_name(const std::string& dir) {
@@ -144,19 +166,35 @@ at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::opt
     h = h * at::scalar_tensor(factor, at::TensorOptions().dtype(at::kFloat).device(h.device())).to(h.scalar_type());
   }
   const int64_t past = cache != nullptr ? cache->length() : 0;
-  const auto [cos, sin] = rotary_tables(past, seq, config.head_dim, config.rope_theta, h.scalar_type(), h.device());
   const std::optional<int64_t> window =
       config.family == ModelFamily::kMistral ? config.sliding_window : std::optional<int64_t>{};
   if (cache != nullptr) {
-    require(!attention_mask.has_value() || attention_mask->ne(0).all().item<bool>(),
-            "CausalLM.forward: a KV cache works with unpadded batches only; attention_mask has zeros");
+    const bool padded = attention_mask.has_value() && !attention_mask->ne(0).all().item<bool>();
     cache->keys.resize(layers->size());
     cache->values.resize(layers->size());
-    const at::Tensor mask = cached_attention_mask(past, seq, window, h.device());
+    at::Tensor positions, mask;
+    if (!padded) {
+      positions = shared_positions(past, seq, h.device());  // [1, seq]
+      mask = cached_attention_mask(past, seq, window, h.device());
+    } else {
+      // A padded batch with a cache (left-padded generation): the mask
+      // covers the cached tokens and the new ones, and each row numbers its
+      // real tokens from 0 as transformers' generate does: position_ids =
+      // cumsum(attention_mask) - 1, padding at position 1.
+      require(attention_mask->size(1) == past + seq, "CausalLM.forward: with a KV cache holding ", past,
+              " tokens and ", seq, " new ones, a padded attention_mask must cover all ", past + seq,
+              " (cached tokens first), got ", attention_mask->size(1), " columns");
+      const at::Tensor keep = attention_mask->ne(0).to(h.device());  // [batch, past + seq]
+      positions = (keep.to(at::kLong).cumsum(-1) - 1).masked_fill(keep.logical_not(), 1).narrow(1, past, seq);
+      mask = padded_cached_attention_mask(keep, past, seq, window);  // [batch, 1, seq, past + seq]
+    }
+    const auto [cos, sin] = rotary_tables(positions, config.head_dim, config.rope_theta, h.scalar_type());
     for (size_t i = 0; i < layers->size(); ++i)
       h = (*layers)[i]->as<DecoderLayerImpl>()->forward(h, cos, sin, mask, &cache->keys[i], &cache->values[i]);
     return norm->forward(h);
   }
+  const auto [cos, sin] =
+      rotary_tables(shared_positions(0, seq, h.device()), config.head_dim, config.rope_theta, h.scalar_type());
   const at::Tensor mask = attention_mask_for(batch, seq, attention_mask, window, h.device());
   const bool checkpoint = gradient_checkpointing && is_training() && at::GradMode::is_enabled();
   for (const auto& layer : *layers) {
@@ -190,10 +228,18 @@ CausalLMOutput CausalLMImpl::forward(const at::Tensor& input_ids, const std::opt
                     input_ids.scalar_type(), " of shape ", shape_str(input_ids.sizes()));
   require(input_ids.size(1) > 0, "CausalLM.forward: input_ids has no tokens (shape ",
                     shape_str(input_ids.sizes()), ")");
-  if (attention_mask)
-    require(attention_mask->sizes() == input_ids.sizes(), "CausalLM.forward: attention_mask has shape ",
-                      shape_str(attention_mask->sizes()), " but input_ids has ", shape_str(input_ids.sizes()),
-                      "; give one 0/1 entry per token");
+  if (attention_mask) {
+    // With a cache the mask may also cover the cached tokens (transformers'
+    // generate convention), which a left-padded batch needs.
+    const int64_t past = cache != nullptr ? cache->length() : 0;
+    const bool covers_past = past > 0 && attention_mask->dim() == 2 &&
+                             attention_mask->size(0) == input_ids.size(0) &&
+                             attention_mask->size(1) == past + input_ids.size(1);
+    require(attention_mask->sizes() == input_ids.sizes() || covers_past, "CausalLM.forward: attention_mask has shape ",
+            shape_str(attention_mask->sizes()), " but input_ids has ", shape_str(input_ids.sizes()),
+            past > 0 ? cat(" and the cache holds ", past, " tokens") : std::string(),
+            "; give one 0/1 entry per token", past > 0 ? " (new tokens only, or cached and new)" : "");
+  }
   if (labels)
     require(labels->sizes() == input_ids.sizes(), "CausalLM.forward: labels has shape ",
                       shape_str(labels->sizes()), " but input_ids has ", shape_str(input_ids.sizes()),

@@ -2,7 +2,9 @@
 // KV cache, greedy or sampled with temperature and nucleus (top-p)
 // filtering (Holtzman et al. 2020), stopping rows at EOS as transformers'
 // generate does: a stopped row is filled with pad_token_id (else the first
-// eos id) and decoding ends once every row has stopped.
+// eos id) and decoding ends once every row has stopped. Left-padded batches
+// carry their attention mask through the cached steps, so each row has its
+// own positions and never attends to its padding.
 #include "mola/models/decoder.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -57,9 +59,21 @@ at::Tensor CausalLMImpl::generate(const at::Tensor& input_ids, const GenerateOpt
   if (attention_mask) {
     require(attention_mask->sizes() == input_ids.sizes(),
             "CausalLM.generate: attention_mask must have input_ids' shape [batch, seq]");
-    require(attention_mask->ne(0).all().item<bool>(),
-            "CausalLM.generate: padded batches (attention_mask with zeros) are not supported yet; give prompts of "
-            "equal length without padding, or generate each prompt on its own");
+    require(attention_mask->eq(0).logical_or(attention_mask->eq(1)).all().item<bool>(),
+            "CausalLM.generate: attention_mask must hold only 0 (padding) and 1 (token)");
+  }
+  // A left-padded batch (the authors evaluate in left-padded batches of 8,
+  // methods.md 1.7): padding must precede every row's tokens, so that each
+  // row's new tokens follow its last real one. Right padding would put the
+  // continuation after padding.
+  const bool padded = attention_mask.has_value() && !attention_mask->ne(0).all().item<bool>();
+  if (padded) {
+    const at::Tensor keep = attention_mask->ne(0);  // [batch, seq]
+    require(!keep.logical_not().logical_and(keep.to(at::kLong).cumsum(1).gt(0)).any().item<bool>(),
+            "CausalLM.generate: attention_mask has padding (0) after a token (1); generation continues each row "
+            "after its last column, so pad on the left (tokenizer padding_side=\"left\")");
+    require(keep.any(1).all().item<bool>(),
+            "CausalLM.generate: a row of attention_mask is all padding; every prompt needs at least one token");
   }
 
   at::NoGradGuard no_grad;
@@ -73,13 +87,19 @@ at::Tensor CausalLMImpl::generate(const at::Tensor& input_ids, const GenerateOpt
 
   at::Tensor ids = input_ids.to(at::kLong).to(device);  // [batch, seq + generated]
   at::Tensor done = at::zeros({ids.size(0)}, at::TensorOptions().dtype(at::kBool).device(device));
+  // The mask grows by a column of ones per step (the new tokens are real,
+  // also a stopped row's pad fill, as in transformers' generate); without
+  // padding it stays absent so the forward keeps its causal fast path.
+  std::optional<at::Tensor> mask;  // [batch, seq + generated]
+  if (padded) mask = attention_mask->ne(0).to(at::kLong).to(device);
   KVCache cache;
   at::Tensor step = ids;  // the tokens the cache has not seen yet
   for (int64_t t = 0; t < opts.max_new_tokens; ++t) {
-    const at::Tensor logits = forward(step, std::nullopt, std::nullopt, &cache).logits.select(1, -1);  // [batch, vocab]
+    const at::Tensor logits = forward(step, mask, std::nullopt, &cache).logits.select(1, -1);  // [batch, vocab]
     at::Tensor next = next_tokens(logits, opts, gen);  // [batch]
     next = at::where(done, at::full_like(next, pad), next);
     ids = at::cat({ids, next.unsqueeze(1)}, 1);
+    if (mask) mask = at::cat({*mask, at::ones({ids.size(0), 1}, mask->options())}, 1);
     if (!eos.empty()) {
       done = done.logical_or(at::isin(next, eos_ids));
       if (done.all().item<bool>()) break;

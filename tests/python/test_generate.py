@@ -123,13 +123,13 @@ def test_sampling_repeats_with_a_seed_and_tiny_top_p_is_greedy(checkpoint):
     assert torch.equal(nucleus, model.generate(ids, max_new_tokens=NEW))
 
 
-def test_padded_batches_are_refused(checkpoint):
+def test_right_padded_batches_are_refused(checkpoint):
     family, hf, path = checkpoint
     model = mola.CausalLM.from_pretrained(str(path))
     ids = _prompt()
     mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    with pytest.raises(ValueError, match="padded batches .* not supported"):
+    mask[0, -2:] = 0  # right padding (left padding is supported: test_generate_padded.py)
+    with pytest.raises(ValueError, match="pad on the left"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(ids, max_new_tokens=2, do_sample=True, top_p=0.0)

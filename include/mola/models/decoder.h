@@ -19,8 +19,8 @@
 // (free functions in mola/models/adapter.h).
 //
 // Generation (src/models/generate.cpp): a KVCache of past keys and values
-// per layer, and CausalLM::generate, greedy or sampled. Gradient
-// checkpointing per layer (src/models/checkpoint.cpp):
+// per layer, and CausalLM::generate, greedy or sampled, on left-padded
+// batches too. Gradient checkpointing per layer (src/models/checkpoint.cpp):
 // CausalLM::set_gradient_checkpointing.
 #pragma once
 
@@ -148,9 +148,14 @@ at::Tensor checkpointed_layer_forward(DecoderLayerImpl& layer, const at::Tensor&
 class DecoderModelImpl : public torch::nn::Module {
  public:
   explicit DecoderModelImpl(const ModelConfig& config);
-  // With a cache, the tokens continue it (positions from cache->length()) and
-  // their keys and values are appended; attention_mask must then be absent
-  // or all ones.
+  // With a cache, the tokens continue it and their keys and values are
+  // appended. Without padding their positions follow cache->length(). A
+  // padded batch (left-padded generation) gives attention_mask [batch, past +
+  // seq] over the cached and the new tokens (transformers' generate
+  // convention; [batch, seq] when the cache is empty): each row's positions
+  // are cumsum(mask) - 1 (padding at 1) and no query sees a padding key.
+  // Without a cache, positions are 0..seq-1 in every row (transformers'
+  // forward without position_ids), which is exact for right padding.
   at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
                      KVCache* cache = nullptr);
 
@@ -196,7 +201,8 @@ class CausalLMImpl : public torch::nn::Module {
   // tokens and 0 for padding; labels [batch, seq] with -100 where no loss is
   // taken. loss = mean cross-entropy of logits[:, t] against labels[:, t+1]
   // over the labels that are not -100 (transformers' ForCausalLMLoss).
-  // With a cache the tokens continue the cached ones (see DecoderModel).
+  // With a cache the tokens continue the cached ones (see DecoderModel);
+  // attention_mask may then cover the cached tokens too, [batch, past + seq].
   CausalLMOutput forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask = {},
                          const std::optional<at::Tensor>& labels = {}, KVCache* cache = nullptr);
 
@@ -204,8 +210,12 @@ class CausalLMImpl : public torch::nn::Module {
   // tokens with a KV cache, without autograd. A row stops at an eos token of
   // the config and is filled with pad_token_id (else the first eos) after
   // it; generation ends early when every row has stopped. Returns [batch,
-  // seq + generated] int64. attention_mask, when given, must be all ones:
-  // padded batches throw std::invalid_argument (not supported yet).
+  // seq + generated] int64. attention_mask [batch, seq] (1 = token, 0 =
+  // padding) allows a left-padded batch of prompts of different lengths:
+  // each row gets transformers' generate positions (cumsum(mask) - 1) and
+  // its padding is masked in every step, so a row's tokens are those of
+  // generating its prompt alone. Right padding (a 0 after a 1) throws
+  // std::invalid_argument asking for left padding.
   at::Tensor generate(const at::Tensor& input_ids, const GenerateOptions& options = {},
                       const std::optional<at::Tensor>& attention_mask = {});
 

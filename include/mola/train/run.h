@@ -1,0 +1,56 @@
+// mola/train/run.h: what the `mola` command does with a recipe, as library
+// functions, so that the C++ program (src/cli/main.cpp), `python -m mola` and
+// mola.train(recipe, overrides) run the same code.
+//   run_train     model + tokenizer + data from the recipe, attach the adapter,
+//                 Trainer.fit, save the adapter, evaluate the test split
+//                 before and after, the expert load per layer, summary.json
+//   run_eval      accuracy of a model (with an adapter or without) on a split
+//   run_generate  a completion of one prompt
+//   run_command   the command line: subcommands, --set, exit statuses
+#pragma once
+
+#include <mola/data/dataset.h>
+#include <mola/models/decoder.h>
+#include <mola/train/recipe.h>
+
+#include <nlohmann/json.hpp>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mola::train {
+
+// The recipe's base model: from_pretrained(model.path) or, with model.config,
+// random weights (seeded) of that architecture; dtype, device and gradient
+// checkpointing as the recipe says.
+std::shared_ptr<models::CausalLMImpl> load_model(const Recipe& recipe);
+
+// The template of data.template (alpaca.json by default; raw for "raw").
+data::PromptTemplate load_template(const Recipe& recipe);
+
+// Trains as the recipe says and writes into output_dir: recipe.json (after
+// overrides), metrics.jsonl and checkpoints/ (the Trainer), adapter/ (the
+// final adapter), eval.json (test split, before and after training, with the
+// majority baseline), expert_load.json and summary.json (returned).
+nlohmann::json run_train(const Recipe& recipe);
+
+// Evaluates the recipe's model with `adapter_dir` loaded ("" = the base
+// model) on `split` ("test", "validation" or a JSON Lines path); returns the
+// evaluation JSON (also written to output_dir/eval-<split>.json when write).
+nlohmann::json run_eval(const Recipe& recipe, const std::string& adapter_dir, const std::string& split,
+                        bool write = true);
+
+// The selection share of every expert of every adapted projection on
+// `examples` (no grad, eval mode): per layer, the top-k choices counted over
+// the non-padding tokens, summed over the layer's projections, as fractions.
+// {"layers": [{"layer": i, "experts": E, "share": [...], "per_target": {...}}], "tokens": n}
+nlohmann::json expert_load(models::CausalLMImpl& model, const std::vector<data::Example>& examples,
+                           int64_t batch_size);
+
+// The `mola` command line (without the program name). Prints to stdout and
+// stderr; returns the exit status: 0, 1 (the run failed), 2 (a user error:
+// bad arguments, recipe, file; one line, no backtrace).
+int run_command(const std::vector<std::string>& args);
+
+}  // namespace mola::train

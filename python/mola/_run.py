@@ -1,0 +1,29 @@
+"""mola.train and mola.evaluate_recipe: a recipe run from Python, the same code as
+``mola train`` / ``mola eval`` (the C++ library, through the bindings)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+from . import _C
+
+Overrides = Optional[Union[Mapping[str, Any], Sequence[str]]]
+
+
+def train(recipe: Union[str, os.PathLike], overrides: Overrides = None) -> Dict[str, Any]:
+    """Train as the recipe file says; ``overrides`` are ``{"train.epochs": 1}`` or
+    ``["train.epochs=1"]`` (as ``--set``). Returns the run's summary.json as a dict.
+    Bad recipes raise ValueError naming the key."""
+    return _C.train_recipe(os.fspath(recipe), overrides)
+
+
+def evaluate_recipe(recipe: Union[str, os.PathLike], adapter: str = "", split: str = "test",
+             overrides: Overrides = None) -> Dict[str, Any]:
+    """Accuracy of the recipe's model (with ``adapter`` loaded, when given) on ``split``
+    ("test", "validation" or a JSON Lines path), by generation and by option log-likelihood."""
+    return _C.eval_recipe(os.fspath(recipe), adapter, split, overrides)
+
+
+def load_recipe(recipe: Union[str, os.PathLike], overrides: Overrides = None) -> Dict[str, Any]:
+    """Read and validate a recipe; returns its JSON after the overrides. Raises ValueError."""
+    return _C.load_recipe(os.fspath(recipe), overrides)

@@ -1,0 +1,89 @@
+// Training checkpoints (design.md 6.4, 10), private to the trainer. A
+// checkpoint is a directory OUTPUT/checkpoints/step-<N> holding
+//   adapter_config.json, adapter_model.safetensors   the adapter (models::save_adapter)
+//   optimizer.safetensors   "<param>.exp_avg", "<param>.exp_avg_sq", "<param>.step"
+//                           per trainable parameter (AdamW's state, by name)
+//   rng_state.safetensors   "cpu" (and "cuda" when training on CUDA): torch's
+//                           default generators' states as uint8 tensors
+//   trainer_state.json      TrainState, the options, the format version
+// It is written into a temporary sibling directory and renamed to step-<N> as
+// the last act, so a directory with that name is always complete. Only
+// safetensors and JSON: loading a checkpoint never unpickles anything.
+#pragma once
+
+#include <mola/data/batch.h>
+#include <mola/models/decoder.h>
+#include <mola/train/options.h>
+
+#include <torch/optim/adamw.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mola::train::detail {
+
+inline constexpr const char* kTrainerStateFile = "trainer_state.json";
+inline constexpr const char* kOptimizerFile = "optimizer.safetensors";
+inline constexpr const char* kRngFile = "rng_state.safetensors";
+
+// What the loop needs, beyond the tensors, to continue a run.
+struct TrainState {
+  int64_t step = 0;                // optimizer steps done
+  double epoch = 0.0;              // step / batches per epoch, as transformers logs it
+  data::SamplerPosition sampler;   // the next batch
+  int64_t total_steps = 0;         // the schedule's length when saved
+  int64_t num_examples = 0;        // the training set's size (a resume must use the same data)
+  int64_t tokens = 0;              // real tokens trained on so far
+  double elapsed_s = 0.0;          // training seconds so far
+  double train_loss = std::numeric_limits<double>::quiet_NaN();  // the last step's loss
+  std::optional<double> eval_loss;  // the last evaluation's loss
+};
+
+// The trainable parameters, by their names in the model, in optimizer order.
+struct Trainable {
+  std::vector<std::string> names;
+  std::vector<at::Tensor> params;
+};
+
+std::string checkpoints_dir(const std::string& output_dir);
+
+// Writes OUTPUT/checkpoints/step-<state.step> (replacing one of that name) and
+// returns its path. `device` is where the model trains (its CUDA generator is
+// saved too when it is a CUDA device).
+std::string save_checkpoint(const std::string& output_dir, const models::CausalLMImpl& model,
+                            torch::optim::AdamW& optimizer, const Trainable& trainable, const TrainState& state,
+                            const TrainOptions& options, const at::Device& device);
+
+// Reads trainer_state.json; throws ConfigError naming the file when it is
+// missing or malformed (not a complete checkpoint).
+TrainState read_train_state(const std::string& checkpoint_dir);
+// The options a checkpoint was made with.
+TrainOptions read_checkpoint_options(const std::string& checkpoint_dir);
+
+// Fills `optimizer`'s AdamW state from optimizer.safetensors. Every trainable
+// parameter with saved state must be there with its shape; throws
+// std::invalid_argument naming the key otherwise.
+void load_optimizer_state(const std::string& checkpoint_dir, torch::optim::AdamW& optimizer,
+                          const Trainable& trainable);
+
+// Sets torch's default CPU generator (and `device`'s CUDA one, when saved and
+// training on CUDA) to the saved state.
+void restore_rng_state(const std::string& checkpoint_dir, const at::Device& device);
+
+// Removes the oldest complete checkpoints until `limit` remain (0: keep all).
+void prune_checkpoints(const std::string& output_dir, int64_t limit);
+
+// POSIX file helpers. No <filesystem> in the trainer: the PyPI libtorch exports
+// its own statically linked std::filesystem (pytorch/pytorch#133437), whose
+// copies win symbol lookup, and remove_all crashes (as src/config.cpp notes).
+std::string join_path(const std::string& dir, const std::string& name);
+bool path_exists(const std::string& path);
+// mkdir -p; throws std::runtime_error naming the directory and the reason.
+void make_dirs(const std::string& path);
+// rm -rf; nothing to do when `path` does not exist.
+void remove_tree(const std::string& path);
+
+}  // namespace mola::train::detail

@@ -1,0 +1,53 @@
+// The trainer's output (design.md 8): metrics.jsonl, one JSON object per line,
+// appended; and progress on stderr, a bar redrawn in place when stderr is a
+// terminal, plain lines every log_every steps when it is a file or a pipe
+// (where carriage returns would fill logs with redraws).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace mola::train::detail {
+
+// A JSON number, or null for NaN and infinities (JSON has no spelling for them).
+nlohmann::json json_number(double v);
+
+// Appends lines to a metrics.jsonl; each line is flushed at once so a crash
+// loses nothing that was logged.
+class MetricsLog {
+ public:
+  explicit MetricsLog(std::string path);
+  void write(const nlohmann::json& line) const;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+class ProgressBar {
+ public:
+  // first_step: the steps already done (a resumed run), so the ETA counts
+  // only this session's pace.
+  ProgressBar(int64_t total_steps, int64_t first_step, int64_t log_every, std::FILE* stream = stderr);
+  ~ProgressBar();
+  // After optimizer step `step`. In a terminal the bar is redrawn every
+  // step; otherwise a line is printed when step % log_every == 0 or at the last step.
+  void update(int64_t step, double loss, double lr, double tokens_per_s);
+  // A line of its own (an evaluation, a checkpoint), not overwritten by the bar.
+  void note(const std::string& line);
+  // Ends the bar's line (in a terminal).
+  void finish();
+
+ private:
+  int64_t total_, first_, log_every_;
+  std::FILE* stream_;
+  bool tty_;
+  bool open_line_ = false;  // a bar is drawn and its line not ended
+  std::chrono::steady_clock::time_point start_;
+};
+
+}  // namespace mola::train::detail
