@@ -147,6 +147,32 @@ def recipes():
             "eval": _eval(family),
             "output_dir": f"out/{family}/scienceqa-2468-after-instruction",
         }
+        # Continual learning (methods.md, Tables 5 and 6): the ScienceQA
+        # topics in the paper's order, 20 epochs each, OP and PD at the end.
+        # The bundled ScienceQA sample is all biology: the big models need the
+        # full text-only ScienceQA (in the bundled schema) at data.train/test;
+        # the tiny recipe runs the same protocol over three bundled skills.
+        cont = f"{family}/scienceqa-continual-2468.json"
+        data = _data(family, "scienceqa", "train", "test")
+        if family == "tiny":
+            data["domain_field"] = "skill"
+            data["domains"] = ["Identify plants and animals", "Identify vertebrates and invertebrates",
+                               "Identify living and nonliving things"]
+        else:
+            data.update(train="data/scienceqa-full/train.jsonl", test="data/scienceqa-full/test.jsonl",
+                        domain_field="topic",
+                        domains=["biology", "physics", "chemistry", "economics", "earth-science"])
+        out[cont] = {
+            "comment": _comment(cont, "continual learning over ScienceQA domains with MoLA 2-4-6-8 (OP and PD in "
+                                "continual.json)", spec),
+            "model": _model(family, spec),
+            "adapter": {"method": "mola", "experts": "2468", "top_k": 2, "rank": 8, "alpha": 16, "dropout": 0.05,
+                        "targets": TARGETS, "aux_loss_coef": 0.001},
+            "data": data,
+            "train": _train(family, spec, **({"epochs": 5} if family == "tiny" else {})),
+            "eval": _eval(family) if family != "tiny" else {"batch_size": 8, "max_new_tokens": 24},
+            "output_dir": f"out/{family}/scienceqa-continual-2468",
+        }
     return out
 
 

@@ -68,6 +68,15 @@ void mola_bind_run(py::module_& m) {
       },
       py::arg("recipe"), py::arg("adapter") = "", py::arg("split") = "test", py::arg("overrides") = py::none());
   m.def(
+      "continual_metrics",
+      [](const std::vector<std::vector<double>>& accuracy) {
+        const auto m = mola::train::continual_metrics(accuracy);
+        return std::make_pair(m.op, m.pd);
+      },
+      py::arg("accuracy"),
+      "(OP, PD) of a T x T accuracy matrix R[t][i] (accuracy on domain i after training through domain t), as the "
+      "MoLA paper's continual-learning tables.");
+  m.def(
       "load_recipe",
       [](const std::string& recipe, const py::object& overrides) {
         return to_python(mola::train::Recipe::from_file(recipe, override_list(overrides)).json);

@@ -121,7 +121,12 @@ int cmd_train(const std::vector<std::string>& args) {
   const nlohmann::json summary = run_train(recipe);
   std::cout << "adapter: " << summary["adapter"].get<std::string>() << "\n";
   if (summary.contains("eval")) std::cout << "eval: " << summary["eval"].dump() << "\n";
-  std::cout << "summary: " << recipe.output_dir << "/summary.json\n";
+  if (summary.contains("continual"))
+    for (const char* method : {"generate", "loglik"})
+      if (summary["continual"].contains(method))
+        std::cout << "continual (" << method << "): OP " << summary["continual"][method]["OP"].get<double>()
+                  << ", PD " << summary["continual"][method]["PD"].get<double>() << "\n";
+  std::cout << "outputs: " << recipe.output_dir << "\n";
   return 0;
 }
 

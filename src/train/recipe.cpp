@@ -96,6 +96,10 @@ DataSection parse_data(const nlohmann::json& j) {
   d.options.train_on_inputs = get<bool>(j, "data", "train_on_inputs", d.options.train_on_inputs);
   d.options.add_eos_token = get<bool>(j, "data", "add_eos_token", d.options.add_eos_token);
   d.max_train_examples = get<int64_t>(j, "data", "max_train_examples", 0);
+  d.domains = get<std::vector<std::string>>(j, "data", "domains", {});
+  d.domain_field = get<std::string>(j, "data", "domain_field", d.domain_field);
+  if (!d.domains.empty() && d.domains.size() < 2)
+    fail("recipe: 'data.domains' needs two or more domains for a continual-learning sequence, got 1");
   if (d.options.cutoff_len < 2) fail("recipe: 'data.cutoff_len' must be >= 2, got ", d.options.cutoff_len);
   if (d.max_train_examples < 0)
     fail("recipe: 'data.max_train_examples' must be >= 0 (0 = all), got ", d.max_train_examples);
@@ -129,7 +133,7 @@ const std::vector<std::string>& ModelSection::keys() {
 const std::vector<std::string>& DataSection::keys() {
   static const std::vector<std::string> k{"train",      "validation",      "test",          "task",
                                           "template",   "cutoff_len",      "train_on_inputs", "add_eos_token",
-                                          "max_train_examples"};
+                                          "max_train_examples", "domains", "domain_field"};
   return k;
 }
 

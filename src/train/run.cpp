@@ -10,10 +10,12 @@
 
 #include <sys/stat.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <iostream>
 
 namespace mola::train {
@@ -95,6 +97,7 @@ data::PromptTemplate load_template(const Recipe& recipe) {
 nlohmann::json run_train(const Recipe& recipe) {
   if (recipe.data.train.empty())
     throw ConfigError("recipe " + recipe.source + ": 'data.train' is required to train (a JSON Lines file)");
+  if (!recipe.data.domains.empty()) return run_continual(recipe);
   make_dirs(recipe.output_dir);
   write_json(recipe.output_dir + "/recipe.json", recipe.json);
 
@@ -172,6 +175,99 @@ nlohmann::json run_eval(const Recipe& recipe, const std::string& adapter_dir, co
     write_json(recipe.output_dir + "/eval-" + name + ".json", out);
   }
   return out;
+}
+
+}  // namespace mola::train
+
+namespace mola::train {
+
+ContinualMetrics continual_metrics(const std::vector<std::vector<double>>& r) {
+  const size_t T = r.size();
+  if (T < 2) throw std::invalid_argument("continual_metrics: needs two or more stages, got " + std::to_string(T));
+  for (const auto& row : r)
+    if (row.size() != T)
+      throw std::invalid_argument("continual_metrics: the accuracy matrix must be T x T (T = " + std::to_string(T) +
+                                  "), a row has " + std::to_string(row.size()));
+  ContinualMetrics m;
+  for (size_t i = 0; i < T; ++i) m.op += r[T - 1][i] / static_cast<double>(T);
+  double change = 0.0;
+  for (size_t k = 1; k < T; ++k)
+    for (size_t i = 0; i < k; ++i) change += r[k][i] - r[k - 1][i];
+  m.pd = 2.0 * change / static_cast<double>(T * (T - 1));
+  return m;
+}
+
+namespace {
+
+// The rows of `file` whose domain_field is `domain`.
+std::vector<data::Row> domain_rows(const Recipe& recipe, const std::string& file, const std::string& domain) {
+  const std::string path = recipe.resolve_path(file);
+  const std::vector<data::Row> rows = data::load_rows(path, recipe.data.task);
+  const std::vector<std::string> domains = data::load_field(path, recipe.data.domain_field);
+  std::vector<data::Row> out;
+  for (size_t i = 0; i < rows.size(); ++i)
+    if (domains[i] == domain) out.push_back(rows[i]);
+  if (out.empty())
+    throw ConfigError("recipe " + recipe.source + ": no rows of " + path + " have " + recipe.data.domain_field +
+                      " = '" + domain + "'; check data.domains against the values of that field");
+  return out;
+}
+
+}  // namespace
+
+nlohmann::json run_continual(const Recipe& recipe) {
+  if (recipe.data.test.empty())
+    throw ConfigError("recipe " + recipe.source + ": continual learning evaluates every domain after each stage; "
+                      "set data.test");
+  make_dirs(recipe.output_dir);
+  write_json(recipe.output_dir + "/recipe.json", recipe.json);
+  auto model = load_model(recipe);
+  const data::Tokenizer tok = data::Tokenizer::from_file(recipe.tokenizer_path());
+  const data::PromptTemplate tmpl = load_template(recipe);
+  const auto& domains = recipe.data.domains;
+  std::vector<std::vector<data::Row>> test;
+  for (const auto& d : domains) test.push_back(domain_rows(recipe, recipe.data.test, d));
+
+  if (recipe.train.init_adapter.empty()) model->attach(recipe.adapter);
+  else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
+  TrainOptions options = recipe.train;
+  options.init_adapter.clear();
+
+  const size_t T = domains.size();
+  std::map<std::string, std::vector<std::vector<double>>> accuracy;  // method -> R[t][i]
+  nlohmann::json stages = nlohmann::json::array();
+  for (size_t t = 0; t < T; ++t) {
+    std::vector<data::Row> rows = domain_rows(recipe, recipe.data.train, domains[t]);
+    if (recipe.data.max_train_examples > 0 && static_cast<int64_t>(rows.size()) > recipe.data.max_train_examples)
+      rows.resize(static_cast<size_t>(recipe.data.max_train_examples));
+    std::cerr << "mola: stage " << t + 1 << "/" << T << ": " << domains[t] << " (" << rows.size() << " rows)\n";
+    // A fresh optimiser and schedule per domain, over the same adapter.
+    std::string slug = domains[t];  // a folder name: letters and digits, the rest '-'
+    for (char& c : slug)
+      if (!std::isalnum(static_cast<unsigned char>(c))) c = '-';
+    Trainer trainer(model, options, recipe.output_dir + "/stage-" + std::to_string(t + 1) + "-" + slug);
+    const TrainResult result = trainer.fit(data::tokenize_rows(rows, tmpl, tok, recipe.data.options));
+    nlohmann::json evals = nlohmann::json::object();
+    for (size_t i = 0; i < T; ++i) {
+      const EvalResult e = evaluate(*model, tok, tmpl, test[i], recipe.eval);
+      evals[domains[i]] = e.to_json();
+      for (const auto& method : e.methods) {
+        auto& r = accuracy[method];
+        r.resize(T, std::vector<double>(T, 0.0));
+        r[t][i] = method == "generate" ? e.generate_accuracy : e.loglik_accuracy;
+      }
+    }
+    stages.push_back({{"domain", domains[t]}, {"train", result.to_json()}, {"eval", evals}});
+  }
+  models::save_adapter(*model, recipe.output_dir + "/adapter");
+  nlohmann::json out{{"domains", domains}, {"domain_field", recipe.data.domain_field}, {"stages", stages}};
+  for (const auto& [method, r] : accuracy) {
+    const ContinualMetrics m = continual_metrics(r);
+    out[method] = {{"accuracy", r}, {"OP", m.op}, {"PD", m.pd}};
+  }
+  write_json(recipe.output_dir + "/continual.json", out);
+  return {{"recipe", recipe.source}, {"output_dir", recipe.output_dir}, {"adapter", recipe.output_dir + "/adapter"},
+          {"continual", out}};
 }
 
 }  // namespace mola::train

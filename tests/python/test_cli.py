@@ -79,3 +79,23 @@ def test_a_short_run_learns_and_writes_its_outputs(tmp_path):
     assert report.returncode == 0, report.stderr
     for name in ("loss.png", "expert_load.png", "report.html", "report.json"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_a_continual_sequence_reports_op_and_pd(tmp_path):
+    out = tmp_path / "continual"
+    recipe = ROOT / "configs" / "recipes" / "tiny" / "scienceqa-continual-2468.json"
+    result = _mola("train", recipe, "--set", f"output_dir={out}", "--set", "train.epochs=1",
+                   "--set", "train.batch_size=8", "--set", "train.warmup_steps=1", "--set", "data.max_train_examples=8",
+                   "--set", 'eval.methods=["loglik"]', "--set", "eval.max_examples=4")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "continual.json").read_text())
+    domains = report["domains"]
+    assert len(domains) == 3 and len(report["stages"]) == 3
+    r = report["loglik"]["accuracy"]
+    assert len(r) == 3 and all(len(row) == 3 and all(0 <= a <= 100 for a in row) for row in r)
+    assert report["loglik"]["OP"] == pytest.approx(sum(r[2]) / 3)
+    pd = 2 / 6 * sum(r[k][i] - r[k - 1][i] for k in (1, 2) for i in range(k))
+    assert report["loglik"]["PD"] == pytest.approx(pd)
+    for t, domain in enumerate(domains, 1):
+        assert (out / f"stage-{t}-{domain.replace(' ', '-')}" / "metrics.jsonl").exists()
+    assert "continual (loglik): OP" in result.stdout

@@ -32,6 +32,7 @@ def test_every_family_task_and_preset_is_there():
                 assert f"{family}/{task}-{preset}.json" in names
         assert f"{family}/instruction-2468.json" in names
         assert f"{family}/scienceqa-2468-after-instruction.json" in names
+        assert f"{family}/scienceqa-continual-2468.json" in names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -42,7 +43,7 @@ def test_every_recipe_validates(path):
     assert raw["comment"].startswith(f"mola train configs/recipes/{path.parent.name}/{path.name}")
     # The data files a recipe names are bundled (the instruction stage's OpenOrca is the user's).
     for key in ("train", "test"):
-        if key in raw["data"] and "openorca" not in raw["data"][key]:
+        if key in raw["data"] and "openorca" not in raw["data"][key] and "scienceqa-full" not in raw["data"][key]:
             assert (ROOT / raw["data"][key]).exists(), raw["data"][key]
     if raw["model"]["path"].startswith("data/"):
         assert (ROOT / raw["model"]["path"] / "config.json").exists()
@@ -88,3 +89,18 @@ def test_bad_files(tmp_path):
     bad.write_text(json.dumps({"model": {"path": "x"}, "outputdir": "o"}))
     with pytest.raises(ValueError, match="unknown key 'outputdir'.*did you mean 'output_dir'"):
         mola.load_recipe(str(bad))
+
+
+def test_continual_metrics_are_the_papers_formulas():
+    # R[t][i]: accuracy on domain i after training through domain t.
+    r = [[80.0, 10.0, 20.0],
+         [70.0, 85.0, 30.0],
+         [75.0, 80.0, 90.0]]
+    op, pd = mola._C.continual_metrics(r)
+    assert op == pytest.approx((75 + 80 + 90) / 3)
+    # 2 / (T (T-1)) * [(R10 - R00) + (R20 - R10) + (R21 - R11)]
+    assert pd == pytest.approx(2 / 6 * ((70 - 80) + (75 - 70) + (80 - 85)))
+    with pytest.raises(ValueError, match="T x T"):
+        mola._C.continual_metrics([[1.0, 2.0], [3.0]])
+    with pytest.raises(ValueError, match="domains.*two or more"):
+        mola.load_recipe(str(TINY), ['data.domains=["biology"]'])

@@ -62,6 +62,13 @@ struct PromptTemplate {
 // the valid ones nearest first).
 std::vector<Row> load_rows(const std::string& path, const std::string& task = "auto");
 
+// The value of `field` in every row of a JSON Lines file, in load_rows'
+// order (blank lines skipped): strings as they are, numbers written out. For
+// splitting a task by a column, e.g. ScienceQA's "topic" for the continual-
+// learning sequence (design.md 8.1). A row without the field, or with another
+// type, is a DataError naming the file, the line and the field.
+std::vector<std::string> load_field(const std::string& path, const std::string& field);
+
 // The task names load_rows converts.
 const std::vector<std::string>& task_names();
 

@@ -52,6 +52,11 @@ struct DataSection {
   std::string template_name = "alpaca";  // "alpaca", "raw" or a template file (JSON key "template")
   data::DataOptions options;        // cutoff_len, train_on_inputs, add_eos_token
   int64_t max_train_examples = 0;   // 0 = all
+  // Continual learning (design.md 8.1): train on the rows of each domain in
+  // turn, the value of domain_field in the data files, and evaluate every
+  // domain after each stage (run_continual). Empty: one ordinary run.
+  std::vector<std::string> domains;
+  std::string domain_field = "topic";
 
   static const std::vector<std::string>& keys();
 };

@@ -35,6 +35,23 @@ data::PromptTemplate load_template(const Recipe& recipe);
 // majority baseline), expert_load.json and summary.json (returned).
 nlohmann::json run_train(const Recipe& recipe);
 
+// The continual-learning metrics of the MoLA paper (methods.md, Tables 5
+// and 6) from R[t][i], the accuracy on domain i after training through
+// domain t (T x T): OP = mean_i R[T-1][i]; PD = 2 / (T (T-1)) *
+// sum_{k=1..T-1} sum_{i<k} (R[k][i] - R[k-1][i]), the mean change on the
+// earlier domains each new one brings (negative: forgetting).
+struct ContinualMetrics {
+  double op = 0.0, pd = 0.0;
+};
+ContinualMetrics continual_metrics(const std::vector<std::vector<double>>& accuracy);
+
+// run_train for a recipe with data.domains: one stage per domain, in order,
+// each a fresh optimiser over the same adapter (output_dir/stage-<t>-<domain>),
+// then every domain's test rows evaluated; writes continual.json with the
+// accuracy matrices and OP / PD (by generation and by log-likelihood, as the
+// recipe's eval.methods), and returns it.
+nlohmann::json run_continual(const Recipe& recipe);
+
 // Evaluates the recipe's model with `adapter_dir` loaded ("" = the base
 // model) on `split` ("test", "validation" or a JSON Lines path); returns the
 // evaluation JSON (also written to output_dir/eval-<split>.json when write).
