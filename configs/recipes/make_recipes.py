@@ -83,6 +83,11 @@ def _data(family, task, train_split, eval_split, template="alpaca"):
     return data
 
 
+def _mola_adapter(preset):
+    return {"method": "mola", "experts": preset, "top_k": 2, "rank": 8, "alpha": 16, "dropout": 0.05,
+            "targets": TARGETS, "aux_loss_coef": 0.001}
+
+
 def _eval(family):
     if family == "tiny":
         # The untrained model's accuracy beside the trained one's, for the report.
@@ -107,8 +112,7 @@ def recipes():
                     adapter = {"method": "lora", "rank": 64, "alpha": 128, "dropout": 0.05, "targets": TARGETS}
                     what = f"LoRA r=64 baseline (alpha 128, the same scaling 2 as MoLA's 16/8) on {task}"
                 else:
-                    adapter = {"method": "mola", "experts": preset, "top_k": 2, "rank": 8, "alpha": 16,
-                               "dropout": 0.05, "targets": TARGETS, "aux_loss_coef": 0.001}
+                    adapter = _mola_adapter(preset)
                     what = f"MoLA {'-'.join(preset)} on {task}"
                 out[rel] = {
                     "comment": _comment(rel, what, spec),
@@ -127,8 +131,7 @@ def recipes():
             "comment": _comment(stage1, "stage 1 of 2: MoLA 2-4-6-8 instruction tuning (raw template, 3 epochs; "
                                 "data.train must point at your OpenOrca-50k JSON Lines)", spec),
             "model": _model(family, spec),
-            "adapter": {"method": "mola", "experts": "2468", "top_k": 2, "rank": 8, "alpha": 16, "dropout": 0.05,
-                        "targets": TARGETS, "aux_loss_coef": 0.001},
+            "adapter": _mola_adapter("2468"),
             "data": {"train": "data/openorca-50k.jsonl", "task": "instruction", "template": "raw",
                      "cutoff_len": 256, "train_on_inputs": True, "add_eos_token": True},
             "train": _train(family, spec, epochs=3),
@@ -140,8 +143,7 @@ def recipes():
             "comment": _comment(stage2, "stage 2 of 2: ScienceQA from the instruction-tuned 2-4-6-8 adapter "
                                 f"(run {stage1} first)", spec),
             "model": _model(family, spec),
-            "adapter": {"method": "mola", "experts": "2468", "top_k": 2, "rank": 8, "alpha": 16, "dropout": 0.05,
-                        "targets": TARGETS, "aux_loss_coef": 0.001},
+            "adapter": _mola_adapter("2468"),
             "data": _data(family, "scienceqa", "train", "test"),
             "train": _train(family, spec, init_adapter=f"out/{family}/instruction-2468/adapter"),
             "eval": _eval(family),
@@ -166,8 +168,7 @@ def recipes():
             "comment": _comment(cont, "continual learning over ScienceQA domains with MoLA 2-4-6-8 (OP and PD in "
                                 "continual.json)", spec),
             "model": _model(family, spec),
-            "adapter": {"method": "mola", "experts": "2468", "top_k": 2, "rank": 8, "alpha": 16, "dropout": 0.05,
-                        "targets": TARGETS, "aux_loss_coef": 0.001},
+            "adapter": _mola_adapter("2468"),
             "data": data,
             "train": _train(family, spec, **({"epochs": 5} if family == "tiny" else {})),
             "eval": _eval(family) if family != "tiny" else {"batch_size": 8, "max_new_tokens": 24},

@@ -6,8 +6,6 @@
 //
 //   build/py/examples/cpp/finetune_tiny [OUTPUT_DIR]      (from the repository root)
 #include <mola/mola.h>
-#include <mola/data/dataset.h>
-#include <mola/train/trainer.h>
 
 #include <iostream>
 
@@ -16,7 +14,7 @@ int main(int argc, char** argv) {
   const std::string model_dir = "data/models/stories260K";
 
   // The model, its tokenizer, and an adapter: 2-4-6-8 experts spread over its 5 layers.
-  auto model = mola::models::CausalLMImpl::from_pretrained(model_dir);  // fp32 on the CPU
+  auto model = mola::CausalLM::from_pretrained(model_dir);  // fp32 on the CPU
   mola::AdapterConfig cfg = mola::AdapterConfig::from_json_file("configs/adapters/mola-inverted.json");
   model->attach(cfg);  // freezes everything but the adapters
   const auto tok = mola::data::Tokenizer::from_file(model_dir + "/tokenizer.model");
@@ -29,14 +27,14 @@ int main(int argc, char** argv) {
   data_options.cutoff_len = 512;
   const auto examples = mola::data::tokenize_rows(rows, tmpl, tok, data_options);
 
-  mola::train::TrainOptions options;
+  mola::TrainOptions options;
   options.epochs = 4;
   options.batch_size = 8;
   options.micro_batch_size = 8;
   options.lr = 3e-3;
   options.warmup_steps = 2;
   options.save_every = 0;  // one checkpoint, at the end
-  mola::train::Trainer trainer(model, options, out);
+  mola::Trainer trainer(model, options, out);
   const double before = trainer.evaluate(examples);
   const mola::train::TrainResult result = trainer.fit(examples);
   const double after = trainer.evaluate(examples);

@@ -188,6 +188,17 @@ int cmd_convert(const std::vector<std::string>& args) {
   return 0;
 }
 
+// Bad arguments, recipes, configs and files (exit status 2), as opposed to a
+// run that failed (1). ConfigError, DataError, UsageError, ModelConfigError
+// and Llama2cError are std::invalid_argument.
+bool is_user_error(const std::exception& e) {
+  return dynamic_cast<const std::invalid_argument*>(&e) != nullptr ||
+         dynamic_cast<const models::ModelFileNotFoundError*>(&e) != nullptr ||
+         dynamic_cast<const data::DataFileNotFoundError*>(&e) != nullptr ||
+         dynamic_cast<const io::Llama2cFileNotFoundError*>(&e) != nullptr ||
+         dynamic_cast<const io::SafetensorsError*>(&e) != nullptr;
+}
+
 }  // namespace
 
 int run_command(const std::vector<std::string>& args) {
@@ -211,24 +222,9 @@ int run_command(const std::vector<std::string>& args) {
   } catch (const c10::Error& e) {
     std::cerr << "mola: error: " << e.what_without_backtrace() << "\n";
     return 1;
-  } catch (const std::invalid_argument& e) {  // ConfigError, DataError, UsageError, ModelConfigError
-    std::cerr << "mola: error: " << e.what() << "\n";
-    return 2;
-  } catch (const models::ModelFileNotFoundError& e) {
-    std::cerr << "mola: error: " << e.what() << "\n";
-    return 2;
-  } catch (const data::DataFileNotFoundError& e) {
-    std::cerr << "mola: error: " << e.what() << "\n";
-    return 2;
-  } catch (const io::Llama2cFileNotFoundError& e) {
-    std::cerr << "mola: error: " << e.what() << "\n";
-    return 2;
-  } catch (const io::SafetensorsError& e) {
-    std::cerr << "mola: error: " << e.what() << "\n";
-    return 2;
   } catch (const std::exception& e) {
     std::cerr << "mola: error: " << e.what() << "\n";
-    return 1;
+    return is_user_error(e) ? 2 : 1;
   }
 }
 

@@ -75,6 +75,13 @@ def test_a_short_run_learns_and_writes_its_outputs(tmp_path):
     assert [layer["experts"] for layer in load["layers"]] == experts
     for layer in load["layers"]:
         assert abs(sum(layer["share"]) - 1.0) < 1e-9
+    # The saved adapter, loaded by `mola eval`, gives the trained model's accuracies.
+    again = _mola("eval", TINY, "--adapter", out / "adapter", "--set", f"output_dir={out}",
+                  "--set", "eval.max_examples=8", "--set", "eval.max_new_tokens=12")
+    assert again.returncode == 0, again.stderr
+    reloaded = json.loads(again.stdout)
+    for key in ("n", "generate_correct", "generate_failed", "loglik_correct", "majority_accuracy"):
+        assert reloaded[key] == ev["after"][key], key
     report = _mola("report", out)
     assert report.returncode == 0, report.stderr
     for name in ("loss.png", "expert_load.png", "report.html", "report.json"):

@@ -266,6 +266,18 @@ class CausalLMImpl : public torch::nn::Module {
  private:
   std::optional<ResolvedAdapter> adapter_;
 };
-TORCH_MODULE(CausalLM);
+// The module holder (what TORCH_MODULE(CausalLM) would make) with
+// from_pretrained, so that C++ reads as design.md 6.2:
+//   auto model = mola::CausalLM::from_pretrained(dir, torch::kBFloat16, torch::kCUDA);
+//   model->attach(cfg);
+class CausalLM : public torch::nn::ModuleHolder<CausalLMImpl> {
+ public:
+  using torch::nn::ModuleHolder<CausalLMImpl>::ModuleHolder;
+  using Impl = CausalLMImpl;
+  static CausalLM from_pretrained(const std::string& dir, at::ScalarType dtype = at::kFloat,
+                                  at::Device device = at::kCPU) {
+    return CausalLM(CausalLMImpl::from_pretrained(dir, dtype, device));
+  }
+};
 
 }  // namespace mola::models

@@ -74,6 +74,9 @@ class Trainer {
   // The model must have an adapter attached (or options.init_adapter set).
   // The options are validated here (ConfigError).
   Trainer(std::shared_ptr<models::CausalLMImpl> model, TrainOptions options, std::string output_dir);
+  // The same for the module holder: mola::Trainer trainer(model, options).
+  Trainer(const models::CausalLM& model, TrainOptions options, std::string output_dir = "out/run")
+      : Trainer(model.ptr(), std::move(options), std::move(output_dir)) {}
 
   void set_eval_callback(EvalCallback callback) { on_eval_ = std::move(callback); }
 
