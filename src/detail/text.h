@@ -15,4 +15,14 @@ std::string cat(const Parts&... parts) {
   return o.str();
 }
 
+// A shape as "[2, 3, 4]", for messages; sizes: anything with size() and [].
+template <class Sizes>
+std::string shape_str(const Sizes& sizes) {
+  std::ostringstream o;
+  o << '[';
+  for (size_t i = 0; i < sizes.size(); ++i) o << (i ? ", " : "") << sizes[i];
+  o << ']';
+  return o.str();
+}
+
 }  // namespace mola::detail

@@ -26,13 +26,7 @@ namespace {
 
 using mola::detail::cat;
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << '[';
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << ']';
-  return o.str();
-}
+using mola::detail::shape_str;
 
 std::string layer_path(int64_t layer) { return cat("model.layers.", layer); }
 

@@ -23,13 +23,7 @@ namespace {
 
 using mola::detail::cat;
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << '[';
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << ']';
-  return o.str();
-}
+using mola::detail::shape_str;
 
 // Caller errors are std::invalid_argument (ValueError in Python).
 template <class... Parts>

@@ -6,12 +6,12 @@ seeded sampling repeats, and a tiny top_p is greedy. Then a sharded
 checkpoint loads to the single file's logits.
 C++ implementation: src/models/generate.cpp.
 """
-import math
 
 import pytest
 import torch
 
 import mola
+from tiny_models import randomize
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,18 +33,6 @@ def _config(family, **extra):
     raise AssertionError(family)
 
 
-def _randomize(model, family):
-    # Unit-scale activations, so the logits are far from ties (as the parity test).
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(-0.5, 0.5) if family == "gemma" else p.uniform_(0.5, 1.5)
-            elif p.dim() == 2 and "embed_tokens" not in name:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-            else:
-                p.normal_(0.0, 1.0)
-
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "gemma"])
 def checkpoint(request, tmp_path_factory):
@@ -53,7 +41,7 @@ def checkpoint(request, tmp_path_factory):
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa",
                                                        dtype=torch.float32).eval()
-    _randomize(hf, family)
+    randomize(hf, family)
     hf.save_pretrained(path)
     return family, hf, path
 

@@ -15,7 +15,8 @@ import mola
 
 transformers = pytest.importorskip("transformers")
 
-from test_generate import VOCAB, _config, _randomize  # noqa: E402  (same tiny models and randomisation)
+from test_generate import VOCAB, _config  # noqa: E402  (the same tiny models)
+from tiny_models import randomize  # noqa: E402
 
 LENGTHS = [9, 4, 1, 6]  # the longest row has no padding, one row is a single token
 NEW = 10                # 9 + 10 > mistral's window of 5
@@ -29,7 +30,7 @@ def checkpoint(request, tmp_path_factory):
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa",
                                                        dtype=torch.float32).eval()
-    _randomize(hf, family)
+    randomize(hf, family)
     hf.save_pretrained(path)
     return family, hf, path
 

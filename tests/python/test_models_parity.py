@@ -10,7 +10,6 @@ neutral value) so that a wrong rotary, mask or norm convention moves the
 logits far past the tolerance, which transformers' 0.02 init would hide.
 """
 import json
-import math
 import os
 import shutil
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 import mola
+from tiny_models import randomize
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -41,26 +41,13 @@ def _config(family):
     raise AssertionError(family)
 
 
-def _randomize(model, family):
-    # Unit-scale activations: linear weights N(0, 1/in), embeddings N(0, 1);
-    # norm weights away from neutral (gemma stores w for a scale of 1 + w).
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(-0.5, 0.5) if family == "gemma" else p.uniform_(0.5, 1.5)
-            elif p.dim() == 2 and "embed_tokens" not in name:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-            else:
-                p.normal_(0.0, 1.0)
-
 
 def _save(family, path):
     """A tiny random HF model of `family` in eval mode, saved to `path`."""
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa",
                                                        dtype=torch.float32).eval()
-    _randomize(hf, family)
+    randomize(hf, family)
     hf.save_pretrained(path)
     assert (path / "model.safetensors").exists()
     return hf

@@ -1,0 +1,20 @@
+"""Shared by the model tests: weights for tiny random transformers models that
+keep activations at unit scale, so logits are far from ties and greedy
+decoding is stable across implementations."""
+import math
+
+import torch
+
+
+def randomize(model, family):
+    # Unit-scale activations: linear weights N(0, 1/in), embeddings N(0, 1);
+    # norm weights away from neutral (gemma stores w for a scale of 1 + w).
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5) if family == "gemma" else p.uniform_(0.5, 1.5)
+            elif p.dim() == 2 and "embed_tokens" not in name:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+            else:
+                p.normal_(0.0, 1.0)
