@@ -13,6 +13,7 @@ from .config import MoLAConfig, expand_preset, preset_names
 from .nn import MoLALinear, aux_loss
 from .inject import inject
 from .adapter import load_adapter, save_adapter
+from .authors import import_authors_adapter
 from ._run import evaluate_recipe, load_recipe, train
 from .evaluation import EvalOptions, evaluate, majority_baseline, parse_answer
 from . import data
@@ -25,4 +26,4 @@ __all__ = ["CausalLM", "MoLAConfig", "MoLALinear", "aux_loss", "ops", "expand_pr
            "built_with_cuda", "__version__",
            "inject", "save_adapter", "load_adapter", "train", "evaluate_recipe", "load_recipe", "data",
            "EvalOptions", "evaluate", "majority_baseline", "parse_answer",
-           "Trainer", "TrainOptions", "NonFiniteLossError"]
+           "Trainer", "TrainOptions", "NonFiniteLossError", "import_authors_adapter"]

@@ -52,8 +52,6 @@ def save_adapter(model: Union[nn.Module, Any], directory: PathLike) -> None:
     if _is_cpp_model(model):
         model.save_adapter(os.fspath(directory))
         return
-    from safetensors.torch import save_file
-
     resolved = _model_config(model, "save_adapter")
     modules = _keyed_modules(model, resolved, "save_adapter")
     tensors = {f"{key}.mola.{name}": getattr(m, name).detach().to("cpu").contiguous()
@@ -62,10 +60,17 @@ def save_adapter(model: Union[nn.Module, Any], directory: PathLike) -> None:
     name = _base_model_name(model)
     if name:
         config["base_model_name"] = name
+    write_adapter_files(directory, tensors, config, "save_adapter")
+
+
+def write_adapter_files(directory: PathLike, tensors: Dict[str, torch.Tensor], config: Dict[str, Any],
+                        who: str) -> None:
+    """The two files of an adapter directory, each written atomically, weights first."""
+    from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"save_adapter: {directory!r} is a file; give a directory for "
+        raise ValueError(f"{who}: {directory!r} is a file; give a directory for "
                          f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     os.makedirs(directory, exist_ok=True)
     # Weights first: a directory whose config is present has its weights too.
