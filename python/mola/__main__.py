@@ -1,6 +1,8 @@
 """``python -m mola`` (and the ``mola`` console script): the same command as the
-C++ program ``mola`` (train, eval, generate, convert), run by the C++ library
-through the bindings, plus ``report``, which draws a run's plots in Python.
+C++ program ``mola`` (train, eval, generate, convert llama2c), run by the C++
+library through the bindings, plus two that are Python's: ``report``, which
+draws a run's plots, and ``convert mola-authors``, which reads the authors'
+pickled adapter_model.bin with torch.load(weights_only=True).
 """
 import sys
 from typing import List, Optional
@@ -20,9 +22,33 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         print(f"report: {page}")
         return 0
+    if args[:2] == ["convert", "mola-authors"]:
+        return _convert_authors(args[2:])
     from . import _C
     sys.stdout.flush()
     return _C.run_command(args)
+
+
+def _convert_authors(args: List[str]) -> int:
+    """``convert mola-authors IN OUT [--top-k K]``: in Python, because the
+    authors' adapter_model.bin needs torch.load(weights_only=True)."""
+    import argparse
+
+    from .authors import import_authors_adapter
+
+    parser = argparse.ArgumentParser(prog="mola convert mola-authors",
+                                     description="an adapter written by the MoLA authors' code, into mola's format")
+    parser.add_argument("src", help="the authors' adapter directory (adapter_config.json, adapter_model.bin)")
+    parser.add_argument("out", help="the mola adapter directory to write")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (not stored by the authors; 2)")
+    a = parser.parse_args(args)
+    try:
+        resolved = import_authors_adapter(a.src, a.out, top_k=a.top_k)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mola: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out}: experts per layer {resolved['experts']}, top_k {resolved['top_k']}")
+    return 0
 
 
 if __name__ == "__main__":

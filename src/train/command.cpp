@@ -36,6 +36,7 @@ constexpr const char* kUsage =
     "                [--sample] [--temperature T] [--top-p P] [--seed S] [--set ...]\n"
     "  mola convert llama2c IN.bin OUT_DIR [--tokenizer TOKENIZER.model]\n"
     "                                                   a llama2.c checkpoint to a Hugging Face directory\n"
+    "  mola convert mola-authors IN OUT [--top-k K]     (python -m mola only) the MoLA authors' adapter\n"
     "  mola report OUT_DIR                              (python -m mola only) plots and a page for a run\n";
 
 // A user error: printed as one line, exit status 2.
@@ -177,6 +178,9 @@ int cmd_generate(const std::vector<std::string>& args) {
 
 int cmd_convert(const std::vector<std::string>& args) {
   const Args a = parse(args, 1, {"tokenizer"}, {});
+  if (!a.positional.empty() && a.positional[0] == "mola-authors")
+    throw UsageError("mola convert mola-authors is part of the Python package (the authors' adapter_model.bin is "
+                     "read with torch.load(weights_only=True)): python -m mola convert mola-authors IN OUT");
   if (a.positional.empty() || a.positional[0] != "llama2c")
     throw UsageError("mola convert: the supported format is llama2c: mola convert llama2c IN.bin OUT_DIR "
                      "[--tokenizer TOKENIZER.model]");

@@ -135,3 +135,20 @@ def test_bad_checkpoints(tmp_path):
     torch.save({"x": math.floor}, src / "adapter_model.bin")
     with pytest.raises(ValueError, match="weights_only"):
         mola.import_authors_adapter(src, tmp_path / "out")
+
+
+def test_the_command_converts(tmp_path):
+    import subprocess
+    weights, config = _authors_checkpoint(_model())
+    src = tmp_path / "authors"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    torch.save(weights, src / "adapter_model.bin")
+    result = subprocess.run([sys.executable, "-m", "mola", "convert", "mola-authors", str(src), str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "experts per layer [2, 3]" in result.stdout
+    assert mola.adapter.read_adapter_config(tmp_path / "out")["experts"] == EXPERTS
+    bad = subprocess.run([sys.executable, "-m", "mola", "convert", "mola-authors", str(tmp_path / "nowhere"),
+                          str(tmp_path / "out2")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "adapter_config.json not found" in bad.stderr
