@@ -22,8 +22,6 @@ import argparse
 import copy
 import json
 import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from common import device_name, git_rev, quantile  # noqa: E402
 sys.path.insert(0, str(REPO))  # for tests.reference
 
 from tests.reference.authors_loop import ReferenceMoLALinear  # noqa: E402
@@ -184,8 +184,6 @@ def make_step(module, x, grad_y):
     return step
 
 
-def quantile(values, q):
-    return torch.tensor(values, dtype=torch.float64).quantile(q).item()
 
 
 def peak_memory(step, device):
@@ -212,28 +210,8 @@ def check_outputs(rows, x):
         }
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def git_rev():
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:  # e.g. a repository without commits yet
-        return None
-    return out.stdout.strip() or None
 
 
 def ratio(stats, a, b):

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import gc
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from common import device_name, git_rev, quantile  # noqa: E402
 ROWS = ("mola_cpp", "hf_mola_inject", "hf_peft_lora16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -209,27 +210,10 @@ def run_child(name, args, checkpoint):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def quantile(values, q):
-    return torch.tensor(values, dtype=torch.float64).quantile(q).item()
 
 
-def device_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def git_rev():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def ratio(stats, a, b, key):

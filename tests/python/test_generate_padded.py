@@ -15,24 +15,11 @@ import mola
 
 transformers = pytest.importorskip("transformers")
 
-from test_generate import VOCAB, _config  # noqa: E402  (the same tiny models)
-from tiny_models import randomize  # noqa: E402
+from test_generate import VOCAB, checkpoint  # noqa: E402,F401  (the same tiny checkpoints, as a fixture)
 
 LENGTHS = [9, 4, 1, 6]  # the longest row has no padding, one row is a single token
 NEW = 10                # 9 + 10 > mistral's window of 5
 PAD = 0
-
-
-@pytest.fixture(scope="module", params=["llama", "mistral", "gemma"])
-def checkpoint(request, tmp_path_factory):
-    family = request.param
-    path = tmp_path_factory.mktemp(f"padgen-{family}")
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa",
-                                                       dtype=torch.float32).eval()
-    randomize(hf, family)
-    hf.save_pretrained(path)
-    return family, hf, path
 
 
 def _prompts():

@@ -1,0 +1,38 @@
+"""What every benchmark under bench/ records beside its figures: the machine,
+the revision, and quantiles of repeated timings."""
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quantile(values, q):
+    return torch.tensor(values, dtype=torch.float64).quantile(q).item()
+
+
+def device_name(device=None):
+    """The GPU's name for a CUDA device, else the CPU model."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_rev():
+    """The short revision of the checkout, None outside git or before the first commit."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
