@@ -1,6 +1,7 @@
 // The safetensors reader and writer (mola/io/safetensors.h). Validation lives
-// entirely in open(): once a header has passed, every entry's bytes are known
-// to lie inside the map, so get() needs no checks beyond the name. The writer
+// entirely in parse_safetensors_header (safetensors_header.cpp), which open()
+// runs on the map: once a header has passed, every entry's bytes are known to
+// lie inside the map, so get() needs no checks beyond the name. The writer
 // goes through a temporary file and rename() for crash safety (design.md 6.4).
 //
 // No <filesystem>: the PyPI libtorch exports its own statically linked copies
@@ -32,10 +33,6 @@ namespace {
 
 using nlohmann::json;
 
-// Larger than any real header (a 70B model's is ~100 KB); a larger length
-// means the first 8 bytes are not a safetensors length at all.
-constexpr uint64_t kMaxHeaderBytes = 100ull * 1000 * 1000;
-
 template <class... Parts>
 [[noreturn]] void fail(const std::string& path, const Parts&... parts) {
   std::ostringstream o;
@@ -62,6 +59,13 @@ std::string dtype_list() {
   return s;
 }
 
+// The ATen type of a dtype name that parse_safetensors_header accepted.
+at::ScalarType scalar_type_of(const std::string& name) {
+  for (const auto& d : kDtypes)
+    if (name == d.name) return d.type;
+  throw SafetensorsError("safetensors: dtype '" + name + "' has no ATen type; add it to kDtypes in src/io/safetensors.cpp");
+}
+
 std::string quote(const std::string& s) { return "'" + s + "'"; }
 
 std::string errno_text() { return std::strerror(errno); }
@@ -75,54 +79,6 @@ std::string nearest_names(const std::string& name, const std::vector<std::string
   std::string s = "nearest names: ";
   for (size_t i = 0; i < scored.size() && i < 5; ++i) s += (i ? ", " : "") + quote(scored[i].second);
   return s;
-}
-
-// One header entry checked against the data buffer of `data_size` bytes.
-TensorInfo parse_entry(const std::string& path, const std::string& name, const json& e, uint64_t data_size) {
-  const std::string where = "tensor " + quote(name) + ": ";
-  const char* fix = "; the header is corrupt: re-download or re-save the file";
-  if (!e.is_object()) fail(path, where, "entry is ", e.type_name(), ", not an object with dtype, shape and data_offsets", fix);
-  for (const char* key : {"dtype", "shape", "data_offsets"})
-    if (!e.contains(key)) fail(path, where, "entry has no '", key, "'", fix);
-
-  TensorInfo info;
-  if (!e["dtype"].is_string()) fail(path, where, "'dtype' is ", e["dtype"].dump(), ", not a string", fix);
-  info.dtype = e["dtype"].get<std::string>();
-  const auto* d = std::find_if(std::begin(kDtypes), std::end(kDtypes), [&](const DtypeName& x) { return info.dtype == x.name; });
-  if (d == std::end(kDtypes))
-    fail(path, where, "unsupported dtype '", info.dtype, "'; mola reads ", dtype_list(),
-         ": convert the tensor to one of these (e.g. dequantize it) before loading");
-  info.scalar_type = d->type;
-
-  const json& shape = e["shape"];
-  if (!shape.is_array()) fail(path, where, "'shape' is ", shape.dump(), ", not a list of integers", fix);
-  uint64_t numel = 1;
-  for (const json& s : shape) {
-    if (!s.is_number_integer()) fail(path, where, "'shape' ", shape.dump(), " holds ", s.dump(), ", not an integer", fix);
-    if (s.is_number_unsigned() ? s.get<uint64_t>() > uint64_t(INT64_MAX) : s.get<int64_t>() < 0)
-      fail(path, where, "'shape' ", shape.dump(), " has a negative or out-of-range dimension", fix);
-    const auto dim = s.get<int64_t>();
-    if (__builtin_mul_overflow(numel, uint64_t(dim), &numel) || numel > uint64_t(INT64_MAX))
-      fail(path, where, "'shape' ", shape.dump(), " has more elements than fit in 64 bits (overflow)", fix);
-    info.shape.push_back(dim);
-  }
-
-  const json& off = e["data_offsets"];
-  if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
-    fail(path, where, "'data_offsets' is ", off.dump(), ", not [begin, end] with two non-negative integers", fix);
-  info.begin = off[0].get<uint64_t>();
-  info.end = off[1].get<uint64_t>();
-  if (info.begin > info.end)
-    fail(path, where, "'data_offsets' [", info.begin, ", ", info.end, "] has begin after end", fix);
-  if (info.end > data_size)
-    fail(path, where, "'data_offsets' end ", info.end, " is past the end of the data buffer (", data_size,
-         " bytes); the file is truncated: re-download or re-save it");
-  const uint64_t element = at::elementSize(info.scalar_type);
-  uint64_t expected = 0;
-  if (__builtin_mul_overflow(numel, element, &expected) || info.end - info.begin != expected)
-    fail(path, where, "holds ", info.end - info.begin, " bytes but shape ", shape.dump(), " of ", info.dtype, " needs ",
-         numel, " x ", element, " bytes", fix);
-  return info;
 }
 
 }  // namespace
@@ -140,7 +96,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   const auto size = static_cast<uint64_t>(st.st_size);
   if (size < 8) {
     ::close(fd);
-    fail(path, "file is ", size, " bytes, shorter than the 8-byte header length; it is truncated or not a safetensors file");
+    parse_safetensors_header(path, nullptr, size);  // throws the "shorter than 8 bytes" error
   }
   void* m = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);  // the mapping keeps the file alive
@@ -148,48 +104,18 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   f.map_ = static_cast<const uint8_t*>(m);
   f.map_size_ = size;
 
-  uint64_t n = 0;
-  std::memcpy(&n, f.map_, 8);
-  if (n > kMaxHeaderBytes)
-    fail(path, "header length ", n, " is over the 100 MB limit; the first 8 bytes are corrupt or this is not a safetensors file");
-  if (n > size - 8)
-    fail(path, "header length ", n, " is larger than the file's remaining ", size - 8,
-         " bytes; the file is truncated (re-download it) or not a safetensors file");
-  f.data_start_ = 8 + n;
-  const uint64_t data_size = size - f.data_start_;
-
-  json header;
-  try {
-    header = json::parse(f.map_ + 8, f.map_ + 8 + n);
-  } catch (const json::parse_error& e) {
-    fail(path, "header is not valid JSON at byte ", e.byte, " of the header (file offset ", e.byte + 8, "): ", e.what(),
-         "; the file is corrupt: re-download or re-save it");
+  SafetensorsHeader header = parse_safetensors_header(path, f.map_, size);
+  f.data_start_ = header.data_start;
+  f.metadata_ = std::move(header.metadata);
+  for (auto& [name, e] : header.entries) {
+    TensorInfo info;
+    info.dtype = e.dtype;
+    info.scalar_type = scalar_type_of(e.dtype);
+    info.shape = std::move(e.shape);
+    info.begin = e.begin;
+    info.end = e.end;
+    f.entries_.emplace(name, std::move(info));
   }
-  if (!header.is_object()) fail(path, "header is ", header.type_name(), ", not a JSON object of tensor entries; not a safetensors file");
-
-  for (const auto& [name, value] : header.items()) {
-    if (name == "__metadata__") {
-      if (!value.is_object()) fail(path, "'__metadata__' is ", value.type_name(), ", not an object of strings; the header is corrupt: re-save the file");
-      for (const auto& [k, v] : value.items()) {
-        if (!v.is_string()) fail(path, "'__metadata__' key '", k, "' is ", v.dump(), ", not a string; metadata values must be strings: re-save the file with string values");
-        f.metadata_[k] = v.get<std::string>();
-      }
-      continue;
-    }
-    f.entries_.emplace(name, parse_entry(path, name, value, data_size));
-  }
-
-  // Two entries sharing bytes would alias; sorted by begin, each must end
-  // before the next begins. Gaps are tolerated: they cannot cause a bad read.
-  std::vector<std::pair<const std::string*, const TensorInfo*>> by_begin;
-  for (const auto& [name, info] : f.entries_)
-    if (info.end > info.begin) by_begin.emplace_back(&name, &info);
-  std::sort(by_begin.begin(), by_begin.end(), [](const auto& a, const auto& b) { return a.second->begin < b.second->begin; });
-  for (size_t i = 1; i < by_begin.size(); ++i)
-    if (by_begin[i].second->begin < by_begin[i - 1].second->end)
-      fail(path, "tensors ", quote(*by_begin[i - 1].first), " [", by_begin[i - 1].second->begin, ", ",
-           by_begin[i - 1].second->end, ") and ", quote(*by_begin[i].first), " [", by_begin[i].second->begin, ", ",
-           by_begin[i].second->end, ") overlap in the data buffer; the header is corrupt: re-download or re-save the file");
   return f;
 }
 

@@ -10,10 +10,12 @@
 
 #include <dirent.h>
 #include <ftw.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -170,6 +172,7 @@ std::string save_checkpoint(const std::string& output_dir, const models::CausalL
     rng["cuda"] = cuda.get_state();
   }
   io::save_safetensors(join_path(tmp, kRngFile), rng);
+  fault_point("checkpoint-write", state.step);
 
   nlohmann::json j;
   j["format"] = kFormatVersion;
@@ -273,6 +276,51 @@ void restore_rng_state(const std::string& checkpoint_dir, const at::Device& devi
     std::lock_guard<std::mutex> lock(cuda.mutex());
     cuda.set_state(file.get("cuda"));
   }
+}
+
+void trim_metrics(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    // A line cut short by a kill does not parse (or has no newline and no
+    // step); either way it is not a complete record.
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (in.eof() || !j.is_object() || !j.contains("step") || !j["step"].is_number_integer()) continue;
+    if (j["step"].get<int64_t>() <= step) kept += line + "\n";
+  }
+  in.close();
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  write_text(tmp, kept);
+  rename_path(tmp, path);
+}
+
+void remove_stale_temporaries(const std::string& output_dir) {
+  static const std::regex pattern("(step-[0-9]{1,18})\\.(tmp|old)-([0-9]{1,9})");
+  const std::string root = checkpoints_dir(output_dir);
+  for (const auto& name : list_dir(root)) {
+    std::smatch m;
+    if (!std::regex_match(name, m, pattern)) continue;
+    const pid_t pid = static_cast<pid_t>(std::stoll(m[3].str()));
+    if (pid == ::getpid() || ::kill(pid, 0) == 0 || errno != ESRCH) continue;  // its writer may still be running
+    const std::string path = join_path(root, name), final_dir = join_path(root, m[1].str());
+    if (m[2].str() == "old" && !path_exists(final_dir) && path_exists(join_path(path, kTrainerStateFile)))
+      rename_path(path, final_dir);
+    else
+      remove_tree(path);
+  }
+}
+
+void fault_point(const char* point, int64_t step) {
+  const char* spec = std::getenv("MOLA_FAULT_INJECT");
+  if (spec == nullptr || *spec == '\0') return;
+  static const std::regex pattern("kill:(step|checkpoint-write):step=([0-9]{1,18})");
+  std::cmatch m;
+  if (!std::regex_match(spec, m, pattern))
+    throw std::invalid_argument(std::string("MOLA_FAULT_INJECT is '") + spec +
+                                "'; the testing hook expects kill:step:step=N or kill:checkpoint-write:step=N "
+                                "(unset it outside tests)");
+  if (m[1].str() == point && std::stoll(m[2].str()) == step) ::kill(::getpid(), SIGKILL);
 }
 
 void prune_checkpoints(const std::string& output_dir, int64_t limit) {

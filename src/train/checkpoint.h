@@ -76,6 +76,28 @@ void restore_rng_state(const std::string& checkpoint_dir, const at::Device& devi
 // Removes the oldest complete checkpoints until `limit` remain (0: keep all).
 void prune_checkpoints(const std::string& output_dir, int64_t limit);
 
+// Crash recovery, run by a resumed fit() before it continues:
+// metrics.jsonl keeps only the lines of steps <= `step` (the checkpoint it
+// continues from; 0 when there is none) and drops a partial last line, so
+// after any number of crashes and resumes the file reads as one uninterrupted
+// run. Rewritten through a temporary file and rename(); nothing to do when the
+// file does not exist.
+void trim_metrics(const std::string& path, int64_t step);
+// Checkpoint temporaries left by a process that was killed (their pid is not
+// alive): "step-<N>.tmp-<pid>" (an unfinished write) is removed;
+// "step-<N>.old-<pid>" (a complete checkpoint moved aside while being
+// replaced) is renamed back to step-<N> when that is missing, else removed.
+void remove_stale_temporaries(const std::string& output_dir);
+
+// A testing hook, for the crash-safety test (tests/python/test_crash_safety.py):
+// when the environment variable MOLA_FAULT_INJECT is "kill:<point>:step=<N>"
+// and the trainer reaches `point` ("step": after the first micro-batch's
+// backward of step N; "checkpoint-write": inside the write of checkpoint N,
+// after its adapter and optimizer files, before trainer_state.json and the
+// rename), the process sends itself SIGKILL. Unset (always, outside tests):
+// nothing happens. A malformed value throws std::invalid_argument naming it.
+void fault_point(const char* point, int64_t step);
+
 // POSIX file helpers. No <filesystem> in the trainer: the PyPI libtorch exports
 // its own statically linked std::filesystem (pytorch/pytorch#133437), whose
 // copies win symbol lookup, and remove_all crashes (as src/config.cpp notes).

@@ -179,6 +179,7 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
     resume_dir = std::get<std::string>(options_.resume);
     detail::read_train_state(resume_dir);  // a clear error now for a path that is no checkpoint
   } else if (std::get<bool>(options_.resume)) {
+    detail::remove_stale_temporaries(output_dir_);
     const auto all = list_checkpoints(output_dir_);
     if (!all.empty()) resume_dir = all.back().second;
   }
@@ -232,6 +233,9 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
 
   detail::make_dirs(output_dir_);
   const detail::MetricsLog metrics(detail::join_path(output_dir_, "metrics.jsonl"));
+  // A resumed run drops what a killed one logged after its checkpoint.
+  if (!std::holds_alternative<bool>(options_.resume) || std::get<bool>(options_.resume))
+    detail::trim_metrics(metrics.path(), state.step);
   detail::ProgressBar bar(total, state.step, options_.log_every);
   if (!resume_dir.empty())
     bar.note("resuming from " + resume_dir + " at step " + std::to_string(state.step) + " of " +
@@ -291,6 +295,7 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
       // transformers' Trainer divides each micro-batch's loss by the number
       // of accumulation steps, so the summed gradient is the batch mean.
       ((loss + aux) / n_micro).backward();
+      detail::fault_point("step", state.step + 1);
       loss_acc += loss.detach().to(at::kDouble) / n_micro;
       aux_acc += aux.detach().to(at::kDouble) / n_micro;
       step_tokens += b.num_tokens;

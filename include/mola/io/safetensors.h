@@ -12,6 +12,8 @@
 // Loading never executes code: there is no pickle here, only bytes and JSON.
 #pragma once
 
+#include <mola/io/safetensors_header.h>
+
 #include <ATen/ATen.h>
 
 #include <cstddef>
@@ -23,15 +25,6 @@
 #include <vector>
 
 namespace mola::io {
-
-// Every problem with a safetensors file or index: unreadable, truncated,
-// malformed, a dtype we do not read, a tensor that is not there. The message
-// always starts with the file's path. Derived from std::runtime_error (not
-// invalid_argument) because the file, not the caller's argument, is at fault.
-class SafetensorsError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 // One header entry, validated: the bytes [begin, end) of the data buffer
 // (which starts right after the header) hold numel(shape) elements of dtype.

@@ -18,6 +18,7 @@
 #include <mola/data/dataset.h>
 #include <mola/data/tokenizer.h>
 #include <mola/models/decoder.h>
+#include <mola/train/eval_options.h>
 
 #include <cstdint>
 #include <optional>
@@ -33,26 +34,6 @@ namespace mola::train {
 // The final "." is any character but a newline, as Python's; matches do not
 // overlap, so "The answer is A.The answer is B." is two matches (none).
 std::optional<std::string> parse_answer(const std::string& response);
-
-// The "eval" section of a recipe. JSON keys equal the field names.
-struct EvalOptions {
-  int64_t batch_size = 8;        // rows per generation batch, sequences per scoring batch (methods.md 1.7)
-  int64_t max_new_tokens = 128;  // generation length, as the authors'
-  int64_t max_examples = 0;      // the first N rows only; 0: all
-  std::vector<std::string> methods = {"generate", "loglik"};  // a non-empty subset of method_names()
-
-  // Missing keys keep their defaults; an unknown key or a bad value throws
-  // ConfigError naming the key (and the nearest valid one), the value and the
-  // fix. The result is validated.
-  static EvalOptions from_json(const nlohmann::json& j);
-  nlohmann::json to_json() const;
-  // Throws ConfigError for the first bad value.
-  void validate() const;
-  bool uses(const std::string& method) const;
-
-  static const std::vector<std::string>& keys();          // the JSON keys, in field order
-  static const std::vector<std::string>& method_names();  // generate, loglik
-};
 
 // The share of the most frequent gold answer (ties: the letter that sorts
 // first), in percent: the accuracy of always answering it.

@@ -20,7 +20,7 @@
 
 #include <mola/config.h>
 #include <mola/data/dataset.h>
-#include <mola/train/evaluate.h>
+#include <mola/train/eval_options.h>
 #include <mola/train/options.h>
 
 #include <nlohmann/json.hpp>
