@@ -1,7 +1,8 @@
 # The two commands of the README, and the steps they are made of. Each step is
 # idempotent: a second `make test` installs nothing and rebuilds only what changed.
 #   make run    set up, build, run the main job on the bundled default
-#   make test   set up, build, run every C++ and Python test
+#   make test   set up, build, run every C++ and Python test, the fuzz smoke
+#               runs and the sanitizer subset
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -12,22 +13,29 @@ PIP       := $(PY) -m pip
 BUILD_DIR := build/py
 JOBS      ?= $(shell nproc)
 DEBS      := nlohmann-json3-dev libsentencepiece-dev libgtest-dev ccache cmake g++ python3-venv
+# libFuzzer and the ASan/UBSan runtimes, for the fuzz targets and sanitizer runs.
+FUZZ_DEBS := clang libclang-rt-14-dev ninja-build
+FUZZ_SECONDS ?= 60
 STAMP     := $(VENV)/.mola-requirements
 
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
 export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
 
-.PHONY: help run test setup install-debs install-python build test-cpp test-python bench clean
+.PHONY: help run test setup install-debs install-python build test-cpp test-python bench clean \
+        install-fuzz-debs fuzz test-fuzz test-sanitize test-sanitize-fast
 
 help:
 	@echo "make run    - set up, build, fine-tune the bundled tiny llama on ScienceQA with MoLA, write a report"
 	@echo "make test   - set up, build and run the C++ (ctest) and Python (pytest) tests"
 	@echo "make bench  - the CPU layer benchmark (bench/layer.py), JSON to bench/results/"
+	@echo "make fuzz   - fuzz the safetensors, config.json, recipe and preset readers, FUZZ_SECONDS (60) each"
+	@echo "make test-sanitize - the C++ library and tests under ASan+UBSan (~30 min of 2-core CPU)"
 
 setup: install-debs install-python
 
 # Debian packages, only those missing (root, or sudo when there is one).
-install-debs:
+install-fuzz-debs: DEBS := $(FUZZ_DEBS)
+install-debs install-fuzz-debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -63,7 +71,23 @@ test-cpp: build
 test-python: build
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider python
 
-test: test-cpp test-python
+# Reliability (design.md 10): each fuzz target over its committed corpus, then
+# fuzzed FUZZ_SECONDS, two at a time; the torch-free C++ tests under ASan+UBSan.
+test-fuzz: install-fuzz-debs
+	$(MAKE) -C tests/fuzz -j $(JOBS) all
+	$(MAKE) -C tests/fuzz replay
+	$(MAKE) -C tests/fuzz run FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_JOBS=2
+
+fuzz: test-fuzz
+
+test-sanitize-fast: install-fuzz-debs
+	$(MAKE) -C tests/fuzz -j $(JOBS) sanitize-fast
+
+# The whole C++ library and its tests under ASan+UBSan (build/sanitize).
+test-sanitize: setup install-fuzz-debs
+	$(MAKE) -C tests/sanitize full JOBS=$(JOBS)
+
+test: test-cpp test-python test-sanitize-fast test-fuzz
 
 # The main job: MoLA (preset 2468 over the 5 layers, top-2) on the bundled
 # pretrained tiny llama, ScienceQA train -> test, then the report.

@@ -17,6 +17,7 @@
 
 #include <string>
 
+#include "mola/io/safetensors_header.h"
 #include "mola/models/adapter.h"
 #include "mola/models/decoder.h"
 
@@ -74,6 +75,8 @@ py::object json_to_python(const nlohmann::json& j) {
 }  // namespace
 
 void mola_bind_models(py::module_& m) {
+  // A corrupt or truncated .safetensors file: a bad input, so a ValueError.
+  py::register_exception<mola::io::SafetensorsError>(m, "SafetensorsError", PyExc_ValueError);
   py::register_exception<mola::models::ModelFileNotFoundError>(m, "ModelFileNotFoundError", PyExc_FileNotFoundError);
 
   output_type = new py::object(py::module_::import("collections").attr("namedtuple")(

@@ -239,6 +239,11 @@ void load_adapter(CausalLMImpl& model, const std::string& dir) {
   if (r.num_layers != model.config().num_hidden_layers)
     throw ConfigError(cat(config_path, ": the adapter is for ", r.num_layers, " layers but the model has ",
                           model.config().num_hidden_layers, "; it was trained on another base model"));
+  for (const auto& t : r.targets)
+    if (std::find(projection_names().begin(), projection_names().end(), t) == projection_names().end())
+      throw ConfigError(cat(config_path, ": targets: \"", t, "\" is not a projection of the ", model.config().model_type,
+                            " decoder (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); the adapter "
+                            "was made for another model: load it into that one"));
   if (model.has_adapter()) check_same_adapter(model.adapter_config(), r, config_path);
 
   // Check every tensor before touching the model.

@@ -164,6 +164,11 @@ int cmd_generate(const std::vector<std::string>& args) {
   const std::vector<int64_t> ids = tok.encode(text, /*add_bos=*/true);
   models::GenerateOptions g;
   g.max_new_tokens = number<int64_t>(a, "max-new-tokens", 128);
+  const int64_t positions = model->config().max_position_embeddings;
+  if (static_cast<int64_t>(ids.size()) + g.max_new_tokens > positions)
+    throw UsageError("the prompt is " + std::to_string(ids.size()) + " tokens and --max-new-tokens " +
+                     std::to_string(g.max_new_tokens) + " more would pass the model's max_position_embeddings (" +
+                     std::to_string(positions) + "); shorten the prompt or lower --max-new-tokens");
   g.do_sample = a.flags.count("sample") > 0;
   g.temperature = number<double>(a, "temperature", 1.0);
   g.top_p = number<double>(a, "top-p", 1.0);

@@ -198,7 +198,12 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& source, con
   const std::string arch = !r.model.config.empty() ? r.resolve_path(r.model.config)
                                                    : r.resolve_path(r.model.path) + "/config.json";
   if (exists(arch)) {
-    const int64_t layers = models::ModelConfig::from_json_file(arch).num_hidden_layers;
+    const models::ModelConfig architecture = models::ModelConfig::from_json_file(arch);
+    const int64_t layers = architecture.num_hidden_layers;
+    if (r.data.options.cutoff_len > architecture.max_position_embeddings)
+      fail("recipe: 'data.cutoff_len' ", r.data.options.cutoff_len, " is longer than the ",
+           architecture.max_position_embeddings, " positions (max_position_embeddings) of ", arch,
+           "; set data.cutoff_len to at most ", architecture.max_position_embeddings);
     try {
       r.adapter.resolve(layers);
     } catch (const ConfigError& e) {

@@ -9,6 +9,7 @@
 #include <mola/train/trainer.h>
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cctype>
 #include <cerrno>
@@ -64,6 +65,35 @@ std::vector<data::Row> rows_of_split(const Recipe& recipe, const std::string& sp
   return load_split(recipe, file);
 }
 
+// A clear user error now, before hours of loading, when output_dir cannot be
+// made: the nearest existing ancestor must be a writable directory. Creates
+// nothing.
+void check_output_dir(const Recipe& recipe) {
+  std::string dir = recipe.output_dir;
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  for (std::string p = dir;;) {
+    struct stat st {};
+    if (::stat(p.c_str(), &st) == 0) {
+      if (!S_ISDIR(st.st_mode))
+        throw ConfigError("recipe " + recipe.source + ": 'output_dir' " + recipe.output_dir + " cannot be created: " +
+                          p + " is a file, not a directory; choose another output_dir (--set output_dir=DIR)");
+      if (::access(p.c_str(), W_OK | X_OK) != 0)
+        throw ConfigError("recipe " + recipe.source + ": 'output_dir' " + recipe.output_dir + " cannot be written: " +
+                          p + " is not writable (" + std::strerror(errno) +
+                          "); choose another output_dir (--set output_dir=DIR) or fix its permissions");
+      return;
+    }
+    const auto slash = p.find_last_of('/');
+    if (slash == std::string::npos) return;  // relative: the working directory is the ancestor
+    if (slash == 0) {
+      if (p == "/") return;
+      p = "/";
+    } else {
+      p = p.substr(0, slash);
+    }
+  }
+}
+
 int64_t trainable_parameters(const models::CausalLMImpl& model) {
   int64_t n = 0;
   for (const auto& p : model.parameters())
@@ -98,8 +128,9 @@ nlohmann::json run_train(const Recipe& recipe) {
   if (recipe.data.train.empty())
     throw ConfigError("recipe " + recipe.source + ": 'data.train' is required to train (a JSON Lines file)");
   if (!recipe.data.domains.empty()) return run_continual(recipe);
-  make_dirs(recipe.output_dir);
-  write_json(recipe.output_dir + "/recipe.json", recipe.json);
+  // Every input is read and checked before anything is written, so a bad one
+  // leaves no output directory behind (design.md 10).
+  check_output_dir(recipe);
 
   auto model = load_model(recipe);
   const data::Tokenizer tok = data::Tokenizer::from_file(recipe.tokenizer_path());
@@ -124,6 +155,8 @@ nlohmann::json run_train(const Recipe& recipe) {
   else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
   TrainOptions options = recipe.train;
   options.init_adapter.clear();  // loaded above, with the model's adapter config
+  make_dirs(recipe.output_dir);
+  write_json(recipe.output_dir + "/recipe.json", recipe.json);
 
   nlohmann::json eval = nlohmann::json::object();
   const bool scored = !test_rows.empty() && test_rows.front().options.size() > 0;
