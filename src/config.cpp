@@ -348,6 +348,8 @@ AdapterConfig AdapterConfig::from_json_string(const std::string& text) {
   } catch (const json::parse_error& e) {
     fail("adapter config is not valid JSON (byte ", e.byte, "): ", e.what(),
          "; check for a missing comma, quote or brace");
+  } catch (const json::out_of_range& e) {  // a number past double's range, such as 1e999
+    fail("adapter config holds a number out of range (", e.what(), "); write it within +-1.7e308");
   }
   return from_json(j);
 }
@@ -368,6 +370,8 @@ AdapterConfig AdapterConfig::from_json_file(const std::string& path) {
     j = json::parse(in);
   } catch (const json::parse_error& e) {
     fail(name, " is not valid JSON (byte ", e.byte, "): ", e.what(), "; check for a missing comma, quote or brace");
+  } catch (const json::out_of_range& e) {  // a number past double's range, such as 1e999
+    fail(name, " holds a number out of range (", e.what(), "); write it within +-1.7e308");
   }
   try {
     return from_json(j);

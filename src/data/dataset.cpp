@@ -137,6 +137,8 @@ PromptTemplate PromptTemplate::from_json_file(const std::string& path) {
   } catch (const json::parse_error& e) {
     throw DataError(cat(path, ": not valid JSON (", e.what(), "); a template is one JSON object with "
                         "prompt_input, prompt_no_input and response_split"));
+  } catch (const json::out_of_range& e) {  // a number past double's range, such as 1e999
+    throw DataError(cat(path, ": holds a number out of range (", e.what(), "); write it within +-1.7e308"));
   }
   if (!j.is_object())
     throw DataError(cat(path, ": a template must be a JSON object with prompt_input, prompt_no_input and "

@@ -25,7 +25,7 @@ std::vector<std::string> load_field(const std::string& path, const std::string& 
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error&) {
+    } catch (const nlohmann::json::exception&) {  // parse_error, or out_of_range for 1e999
       throw DataError(cat(path, ":", n, ": malformed JSON; each line must be one JSON object"));
     }
     const auto it = j.is_object() ? j.find(field) : j.end();

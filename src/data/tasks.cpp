@@ -286,6 +286,8 @@ std::vector<Row> load_rows(const std::string& path, const std::string& task) {
       const size_t at = why.find("column");
       throw DataError(cat(w.str(), ": malformed JSON (", at == std::string::npos ? why : why.substr(at),
                           "); each line of a JSON Lines file must be one complete JSON object"));
+    } catch (const json::out_of_range& e) {  // a number past double's range, such as 1e999
+      throw DataError(cat(w.str(), ": a number out of range (", e.what(), "); write it within +-1.7e308"));
     }
     if (!j.is_object())
       throw DataError(cat(w.str(), ": expected a JSON object, got a JSON ", j.type_name(),

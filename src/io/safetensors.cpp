@@ -306,6 +306,8 @@ std::map<std::string, at::Tensor> load_sharded(const std::string& dir_or_index, 
     j = json::parse(in);
   } catch (const json::parse_error& e) {
     fail(index, "index is not valid JSON at byte ", e.byte, ": ", e.what(), "; re-download the checkpoint's index");
+  } catch (const json::out_of_range& e) {  // a number past double's range, such as 1e999
+    fail(index, "index holds a number out of range (", e.what(), "); re-download the checkpoint's index");
   }
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
     fail(index, "index has no 'weight_map' object ({\"weight_map\": {tensor name: shard file}}); re-download it");

@@ -117,6 +117,8 @@ SafetensorsHeader parse_safetensors_header(const std::string& path, const uint8_
   } catch (const json::parse_error& e) {
     fail(path, "header is not valid JSON at byte ", e.byte, " of the header (file offset ", e.byte + 8, "): ", e.what(),
          "; the file is corrupt: re-download or re-save it");
+  } catch (const json::out_of_range& e) {  // a number past double's range, such as 1e999
+    fail(path, "header holds a number out of range (", e.what(), "); the file is corrupt: re-download or re-save it");
   }
   if (!header.is_object()) fail(path, "header is ", header.type_name(), ", not a JSON object of tensor entries; not a safetensors file");
 

@@ -209,6 +209,8 @@ ModelConfig ModelConfig::from_json_string(const std::string& text, const std::st
     j = json::parse(text);
   } catch (const json::parse_error& e) {
     throw ModelConfigError(cat(source, ": not valid JSON (", e.what(), ")"));
+  } catch (const json::out_of_range& e) {  // a number past double's range, such as 1e999
+    throw ModelConfigError(cat(source, ": a number out of range (", e.what(), "); write it within +-1.7e308"));
   }
   return from_json(j, source);
 }

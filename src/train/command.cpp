@@ -208,6 +208,14 @@ bool is_user_error(const std::exception& e) {
          dynamic_cast<const io::SafetensorsError*>(&e) != nullptr;
 }
 
+// The message as one line: the command's contract is one line on stderr.
+std::string one_line(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  for (char& ch : s)
+    if (ch == '\n' || ch == '\r') ch = ' ';
+  return s;
+}
+
 }  // namespace
 
 int run_command(const std::vector<std::string>& args) {
@@ -226,13 +234,13 @@ int run_command(const std::vector<std::string>& args) {
     throw UsageError("unknown command '" + cmd + "'; did you mean '" + detail::nearest_name(cmd, commands) +
                      "'? (commands: train, eval, generate, convert; mola --help)");
   } catch (const NonFiniteLossError& e) {
-    std::cerr << "mola: " << e.what() << "\n";
+    std::cerr << "mola: " << one_line(e.what()) << "\n";
     return 1;
   } catch (const c10::Error& e) {
-    std::cerr << "mola: error: " << e.what_without_backtrace() << "\n";
+    std::cerr << "mola: error: " << one_line(e.what_without_backtrace()) << "\n";
     return 1;
   } catch (const std::exception& e) {
-    std::cerr << "mola: error: " << e.what() << "\n";
+    std::cerr << "mola: error: " << one_line(e.what()) << "\n";
     return is_user_error(e) ? 2 : 1;
   }
 }

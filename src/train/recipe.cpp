@@ -223,6 +223,8 @@ Recipe Recipe::from_file(const std::string& path, const std::vector<std::string>
     j = nlohmann::json::parse(in);
   } catch (const nlohmann::json::parse_error& e) {
     fail("recipe ", quote(path), " is not valid JSON: ", e.what());
+  } catch (const nlohmann::json::out_of_range& e) {  // a number past double's range, such as 1e999
+    fail("recipe ", quote(path), " holds a number out of range (", e.what(), "); write it within +-1.7e308");
   }
   for (const auto& o : overrides) apply_override(j, o);
   return from_json(j, path, parent_dir(path));
@@ -259,6 +261,14 @@ std::string Recipe::tokenizer_path() const {
 }
 
 void apply_override(nlohmann::json& recipe, const std::string& assignment) {
+  // JSON text is UTF-8: a key or value that is not would make the recipe
+  // impossible to write back (recipe.json) or to quote in a message.
+  try {
+    (void)nlohmann::json(assignment).dump();
+  } catch (const nlohmann::json::type_error&) {
+    fail("--set ", nlohmann::json(assignment).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace),
+         ": not valid UTF-8 text; write the key and value in UTF-8");
+  }
   const auto eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0)
     fail("--set ", quote(assignment), ": expected KEY=VALUE, for example train.lr=1e-4");
