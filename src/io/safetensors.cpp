@@ -96,7 +96,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   const auto size = static_cast<uint64_t>(st.st_size);
   if (size < 8) {
     ::close(fd);
-    parse_safetensors_header(path, nullptr, size);  // throws the "shorter than 8 bytes" error
+    fail(path, "file is ", size, " bytes, shorter than the 8-byte header length; it is truncated or not a safetensors file");
   }
   void* m = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);  // the mapping keeps the file alive
