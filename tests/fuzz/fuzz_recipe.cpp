@@ -52,6 +52,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     j = nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error&) {
     return 0;  // Recipe::from_file turns this into a ConfigError naming the file
+  } catch (const nlohmann::json::out_of_range&) {
+    return 0;  // a number past double's range (1e999): from_file's ConfigError too
   }
   Recipe r;
   try {
