@@ -19,6 +19,7 @@
 #include <c10/util/Exception.h>
 #include <sys/stat.h>
 
+#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <set>
@@ -115,11 +116,12 @@ bool is_model_dir(const std::string& p) {
   return ::stat((p + "/config.json").c_str(), &st) == 0;
 }
 
-int cmd_train(const std::vector<std::string>& args) {
+int cmd_train(const std::vector<std::string>& args, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
   const Args a = parse(args, 1, {}, {});
   expect_positional(a, 1, "mola train RECIPE");
   const Recipe recipe = Recipe::from_file(a.positional[0], a.overrides);
-  const nlohmann::json summary = run_train(recipe);
+  const nlohmann::json summary = run_train(recipe, group);
+  if (group && group->getRank() != 0) return 0;  // rank 0 reports
   std::cout << "adapter: " << summary["adapter"].get<std::string>() << "\n";
   if (summary.contains("eval")) std::cout << "eval: " << summary["eval"].dump() << "\n";
   if (summary.contains("continual"))
@@ -203,16 +205,36 @@ bool is_user_error(const std::exception& e) {
          dynamic_cast<const io::SafetensorsError*>(&e) != nullptr;
 }
 
+// The world size a launcher (torchrun) announced, or 1.
+int launcher_world_size() {
+  const char* v = std::getenv("WORLD_SIZE");
+  if (v == nullptr) return 1;
+  try {
+    return std::stoi(v);
+  } catch (const std::exception&) {
+    return 1;
+  }
+}
+
 }  // namespace
 
-int run_command(const std::vector<std::string>& args) {
+int run_command(const std::vector<std::string>& args, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
   if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
     std::cout << kUsage;
     return args.empty() ? 2 : 0;
   }
   const std::string& cmd = args[0];
   try {
-    if (cmd == "train") return cmd_train(args);
+    if (cmd == "train" && !group && launcher_world_size() > 1)
+      throw UsageError("WORLD_SIZE is " + std::to_string(launcher_world_size()) +
+                       " but this mola program cannot join a torch.distributed group (the LibTorch wheel ships no "
+                       "Gloo headers to create one from C++): launch `torchrun --nproc_per_node=N -m mola train "
+                       "RECIPE` (python -m mola creates the group), or from C++ pass your own c10d::ProcessGroup to "
+                       "mola::Trainer::set_process_group");
+    if (cmd != "train" && group && group->getSize() > 1)
+      throw UsageError("mola " + cmd + " runs in one process; only mola train joins a process group (run it "
+                       "without torchrun)");
+    if (cmd == "train") return cmd_train(args, group);
     if (cmd == "eval") return cmd_eval(args);
     if (cmd == "generate") return cmd_generate(args);
     if (cmd == "convert") return cmd_convert(args);

@@ -1,16 +1,17 @@
-// Fine-tuning from C++ (design.md 6.2): load the bundled pretrained tiny llama
-// (data/models/stories260K, a Hugging Face checkpoint directory), attach a MoLA
-// adapter, train it on ScienceQA with mola::train::Trainer, save the adapter
-// and continue a story with it. Exits non-zero if the loss does not fall, so
-// the test suite runs it as a check.
+// Fine-tuning from C++ (design.md 6.2), built against the installed package
+// (find_package(mola), examples/cpp/finetune/CMakeLists.txt): load the bundled
+// pretrained tiny llama (data/models/stories260K, a Hugging Face checkpoint
+// directory), attach a MoLA adapter, train it on ScienceQA with mola::Trainer,
+// save the adapter and continue a story with it. Exits 1 if the loss does not
+// fall, so ctest runs it as a check (tests/cpp/package_install.cmake).
 //
-//   build/py/examples/cpp/finetune_tiny [OUTPUT_DIR]      (from the repository root)
+//   build/finetune/finetune [OUTPUT_DIR]      (from the mola repository root: it reads data/ and configs/)
 #include <mola/mola.h>
 
 #include <iostream>
 
 int main(int argc, char** argv) {
-  const std::string out = argc > 1 ? argv[1] : "out/example-finetune-tiny";
+  const std::string out = argc > 1 ? argv[1] : "out/example-finetune";
   const std::string model_dir = "data/models/stories260K";
 
   // The model, its tokenizer, and an adapter: 2-4-6-8 experts spread over its 5 layers.
