@@ -20,10 +20,10 @@ int main(int argc, char** argv) {
   model->attach(cfg);  // freezes everything but the adapters
   const auto tok = mola::data::Tokenizer::from_file(model_dir + "/tokenizer.model");
 
-  // 32 ScienceQA rows in the authors' alpaca format, tokenised as their finetune.py does.
+  // 16 ScienceQA rows in the authors' alpaca format, tokenised as their finetune.py does.
   const auto tmpl = mola::data::PromptTemplate::from_json_file("data/templates/alpaca.json");
   auto rows = mola::data::load_rows("data/tasks/scienceqa/train.jsonl");
-  rows.resize(32);
+  rows.resize(16);
   mola::data::DataOptions data_options;
   data_options.cutoff_len = 512;
   const auto examples = mola::data::tokenize_rows(rows, tmpl, tok, data_options);
