@@ -7,7 +7,8 @@
 //                 [--sample] [--temperature T] [--top-p P] [--seed S] [--set ...]
 //   mola convert llama2c IN.bin OUT_DIR [--tokenizer TOKENIZER.model]
 // User errors (arguments, recipes, files) print one line and return 2; a run
-// that fails (a NaN loss, an error inside torch) returns 1.
+// that fails (a NaN loss, an error inside torch) returns 1. `mola train` joins
+// the process group it is given (python -m mola under torchrun, design.md 11).
 #include "mola/train/run.h"
 
 #include <mola/data/tokenizer.h>
