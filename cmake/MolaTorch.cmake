@@ -30,6 +30,9 @@ if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
   set(TORCH_CUDA_ARCH_LIST "8.0;9.0")
 endif()
 find_package(Torch REQUIRED)
+# Recorded in the installed molaConfig.cmake, so consumers find this same torch.
+set(MOLA_TORCH_CMAKE_DIR "${Torch_DIR}")
+set(MOLA_TORCH_CUDA_ARCH_LIST "${TORCH_CUDA_ARCH_LIST}")
 set(CMAKE_CUDA_ARCHITECTURES "${_mola_saved_cuda_arch}")
 set(CMAKE_CUDA_FLAGS "${_mola_saved_cuda_flags}")
 

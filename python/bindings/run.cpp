@@ -7,6 +7,8 @@
 
 #include <pybind11/stl.h>
 
+#include "process_group.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -37,24 +39,27 @@ std::vector<std::string> override_list(const py::object& overrides) {
 void mola_bind_run(py::module_& m) {
   m.def(
       "run_command",
-      [](const std::vector<std::string>& args) {
+      [](const std::vector<std::string>& args, const py::object& process_group) {
+        const auto group = mola_bindings::to_process_group(process_group);
         py::gil_scoped_release no_gil;
-        return mola::train::run_command(args);
+        return mola::train::run_command(args, group);
       },
-      py::arg("args"),
-      "The `mola` command line (without the program name); returns its exit status (2: a user error).");
+      py::arg("args"), py::arg("process_group") = py::none(),
+      "The `mola` command line (without the program name); returns its exit status (2: a user error). "
+      "process_group: the torch.distributed group `train` joins (python -m mola passes group.WORLD under torchrun).");
   m.def(
       "train_recipe",
-      [](const std::string& recipe, const py::object& overrides) {
+      [](const std::string& recipe, const py::object& overrides, const py::object& process_group) {
         const auto list = override_list(overrides);
+        const auto group = mola_bindings::to_process_group(process_group);
         nlohmann::json summary;
         {
           py::gil_scoped_release no_gil;
-          summary = mola::train::run_train(mola::train::Recipe::from_file(recipe, list));
+          summary = mola::train::run_train(mola::train::Recipe::from_file(recipe, list), group);
         }
         return to_python(summary);
       },
-      py::arg("recipe"), py::arg("overrides") = py::none());
+      py::arg("recipe"), py::arg("overrides") = py::none(), py::arg("process_group") = py::none());
   m.def(
       "eval_recipe",
       [](const std::string& recipe, const std::string& adapter, const std::string& split, const py::object& overrides) {

@@ -1,7 +1,7 @@
 // pybind11 bindings for mola/train and mola/data/batch.h, registered into
 // mola._C by module.cpp through mola_bind_train(m):
 //   TrainOptions(dict=None, **kwargs), .to_dict(), one attribute per option
-//   Trainer(model, options, output_dir), .fit(train, validation=None, on_eval=None) -> dict,
+//   Trainer(model, options, output_dir, process_group=None), .fit(train, validation=None, on_eval=None) -> dict,
 //       .evaluate(examples) -> float
 //   NonFiniteLossError (a FloatingPointError), lr_multiplier, list_checkpoints,
 //   collate, group_by_length, BatchSampler (the batching the trainer uses, for tests and tools)
@@ -21,6 +21,7 @@
 
 #include "mola/data/batch.h"
 #include "mola/train/trainer.h"
+#include "process_group.h"
 
 namespace py = pybind11;
 using mola::data::Example;
@@ -147,10 +148,15 @@ void mola_bind_train(py::module_& m) {
       "Trainer(model: mola.CausalLM, options: TrainOptions | dict | None, output_dir): fine-tunes the model's "
       "adapter, writing output_dir/metrics.jsonl and output_dir/checkpoints/step-<N>/.")
       .def(py::init([](std::shared_ptr<mola::models::CausalLMImpl> model, const py::object& options,
-                       const std::string& output_dir) {
-             return std::make_shared<Trainer>(std::move(model), to_options(options), output_dir);
+                       const std::string& output_dir, const py::object& process_group) {
+             auto trainer = std::make_shared<Trainer>(std::move(model), to_options(options), output_dir);
+             trainer->set_process_group(mola_bindings::to_process_group(process_group));
+             return trainer;
            }),
-           py::arg("model"), py::arg("options"), py::arg("output_dir"))
+           py::arg("model"), py::arg("options"), py::arg("output_dir"), py::arg("process_group") = py::none(),
+           "process_group: a torch.distributed ProcessGroup (group.WORLD after init_process_group) to train as one "
+           "of its ranks: every rank calls fit() together, gradients are summed over the ranks' micro-batches of "
+           "each global batch, rank 0 alone writes metrics, checkpoints and runs on_eval (design.md 11).")
       .def(
           "fit",
           [](Trainer& self, const py::object& train, const py::object& validation, const py::object& on_eval) {

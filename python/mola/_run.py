@@ -10,11 +10,16 @@ from . import _C
 Overrides = Optional[Union[Mapping[str, Any], Sequence[str]]]
 
 
-def train(recipe: Union[str, os.PathLike], overrides: Overrides = None) -> Dict[str, Any]:
+def train(recipe: Union[str, os.PathLike], overrides: Overrides = None, process_group: Any = None) -> Dict[str, Any]:
     """Train as the recipe file says; ``overrides`` are ``{"train.epochs": 1}`` or
     ``["train.epochs=1"]`` (as ``--set``). Returns the run's summary.json as a dict.
-    Bad recipes raise ValueError naming the key."""
-    return _C.train_recipe(os.fspath(recipe), overrides)
+    Bad recipes raise ValueError naming the key.
+
+    ``process_group``: a ``torch.distributed`` ProcessGroup (e.g. ``group.WORLD``
+    after ``init_process_group``) to train as one of its ranks; every rank calls
+    ``train`` with the same recipe, rank 0 writes the outputs and returns the
+    summary (the other ranks get ``{recipe, output_dir, adapter, train, rank}``)."""
+    return _C.train_recipe(os.fspath(recipe), overrides, process_group)
 
 
 def evaluate_recipe(recipe: Union[str, os.PathLike], adapter: str = "", split: str = "test",

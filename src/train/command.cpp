@@ -7,7 +7,8 @@
 //                 [--sample] [--temperature T] [--top-p P] [--seed S] [--set ...]
 //   mola convert llama2c IN.bin OUT_DIR [--tokenizer TOKENIZER.model]
 // User errors (arguments, recipes, files) print one line and return 2; a run
-// that fails (a NaN loss, an error inside torch) returns 1.
+// that fails (a NaN loss, an error inside torch) returns 1. `mola train` joins
+// the process group it is given (python -m mola under torchrun, design.md 11).
 #include "mola/train/run.h"
 
 #include <mola/data/tokenizer.h>
@@ -19,6 +20,7 @@
 #include <c10/util/Exception.h>
 #include <sys/stat.h>
 
+#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <set>
@@ -115,11 +117,12 @@ bool is_model_dir(const std::string& p) {
   return ::stat((p + "/config.json").c_str(), &st) == 0;
 }
 
-int cmd_train(const std::vector<std::string>& args) {
+int cmd_train(const std::vector<std::string>& args, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
   const Args a = parse(args, 1, {}, {});
   expect_positional(a, 1, "mola train RECIPE");
   const Recipe recipe = Recipe::from_file(a.positional[0], a.overrides);
-  const nlohmann::json summary = run_train(recipe);
+  const nlohmann::json summary = run_train(recipe, group);
+  if (group && group->getRank() != 0) return 0;  // rank 0 reports
   std::cout << "adapter: " << summary["adapter"].get<std::string>() << "\n";
   if (summary.contains("eval")) std::cout << "eval: " << summary["eval"].dump() << "\n";
   if (summary.contains("continual"))
@@ -216,16 +219,36 @@ std::string one_line(std::string s) {
   return s;
 }
 
+// The world size a launcher (torchrun) announced, or 1.
+int launcher_world_size() {
+  const char* v = std::getenv("WORLD_SIZE");
+  if (v == nullptr) return 1;
+  try {
+    return std::stoi(v);
+  } catch (const std::exception&) {
+    return 1;
+  }
+}
+
 }  // namespace
 
-int run_command(const std::vector<std::string>& args) {
+int run_command(const std::vector<std::string>& args, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
   if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
     std::cout << kUsage;
     return args.empty() ? 2 : 0;
   }
   const std::string& cmd = args[0];
   try {
-    if (cmd == "train") return cmd_train(args);
+    if (cmd == "train" && !group && launcher_world_size() > 1)
+      throw UsageError("WORLD_SIZE is " + std::to_string(launcher_world_size()) +
+                       " but this mola program cannot join a torch.distributed group (the LibTorch wheel ships no "
+                       "Gloo headers to create one from C++): launch `torchrun --nproc_per_node=N -m mola train "
+                       "RECIPE` (python -m mola creates the group), or from C++ pass your own c10d::ProcessGroup to "
+                       "mola::Trainer::set_process_group");
+    if (cmd != "train" && group && group->getSize() > 1)
+      throw UsageError("mola " + cmd + " runs in one process; only mola train joins a process group (run it "
+                       "without torchrun)");
+    if (cmd == "train") return cmd_train(args, group);
     if (cmd == "eval") return cmd_eval(args);
     if (cmd == "generate") return cmd_generate(args);
     if (cmd == "convert") return cmd_convert(args);

@@ -30,6 +30,7 @@ nlohmann::json json_number(double v) { return std::isfinite(v) ? nlohmann::json(
 MetricsLog::MetricsLog(std::string path) : path_(std::move(path)) {}
 
 void MetricsLog::write(const nlohmann::json& line) const {
+  if (path_.empty()) return;
   std::ofstream out(path_, std::ios::app);
   out << line.dump() << '\n';
   out.flush();
@@ -41,12 +42,13 @@ ProgressBar::ProgressBar(int64_t total_steps, int64_t first_step, int64_t log_ev
       first_(first_step),
       log_every_(log_every),
       stream_(stream),
-      tty_(::isatty(::fileno(stream)) != 0),
+      tty_(stream != nullptr && ::isatty(::fileno(stream)) != 0),
       start_(std::chrono::steady_clock::now()) {}
 
 ProgressBar::~ProgressBar() { finish(); }
 
 void ProgressBar::update(int64_t step, double loss, double lr, double tokens_per_s) {
+  if (!stream_) return;
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   const int64_t done = step - first_;
   const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(total_ - step) : NAN;
@@ -70,6 +72,7 @@ void ProgressBar::update(int64_t step, double loss, double lr, double tokens_per
 }
 
 void ProgressBar::note(const std::string& line) {
+  if (!stream_) return;
   if (open_line_) std::fprintf(stream_, "\r\x1b[K");
   std::fprintf(stream_, "%s\n", line.c_str());
   open_line_ = false;
@@ -77,6 +80,7 @@ void ProgressBar::note(const std::string& line) {
 }
 
 void ProgressBar::finish() {
+  if (!stream_) return;
   if (open_line_) std::fprintf(stream_, "\n");
   open_line_ = false;
   std::fflush(stream_);

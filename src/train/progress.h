@@ -17,7 +17,8 @@ namespace mola::train::detail {
 nlohmann::json json_number(double v);
 
 // Appends lines to a metrics.jsonl; each line is flushed at once so a crash
-// loses nothing that was logged.
+// loses nothing that was logged. An empty path discards the lines (the ranks
+// other than 0 of a distributed run, which write nothing).
 class MetricsLog {
  public:
   explicit MetricsLog(std::string path);
@@ -28,6 +29,7 @@ class MetricsLog {
   std::string path_;
 };
 
+// A null stream draws nothing (the ranks other than 0 of a distributed run).
 class ProgressBar {
  public:
   // first_step: the steps already done (a resumed run), so the ETA counts

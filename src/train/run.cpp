@@ -8,6 +8,8 @@
 #include <mola/train/evaluate.h>
 #include <mola/train/trainer.h>
 
+#include "train/distributed.h"
+
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -124,13 +126,14 @@ data::PromptTemplate load_template(const Recipe& recipe) {
   return path.empty() ? data::PromptTemplate::raw() : data::PromptTemplate::from_json_file(path);
 }
 
-nlohmann::json run_train(const Recipe& recipe) {
+nlohmann::json run_train(const Recipe& recipe, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
   if (recipe.data.train.empty())
     throw ConfigError("recipe " + recipe.source + ": 'data.train' is required to train (a JSON Lines file)");
-  if (!recipe.data.domains.empty()) return run_continual(recipe);
+  if (!recipe.data.domains.empty()) return run_continual(recipe, group);
+  const bool main = !group || group->getRank() == 0;  // the rank that evaluates and writes
   // Every input is read and checked before anything is written, so a bad one
   // leaves no output directory behind (design.md 10).
-  check_output_dir(recipe);
+  if (main) check_output_dir(recipe);
 
   auto model = load_model(recipe);
   const data::Tokenizer tok = data::Tokenizer::from_file(recipe.tokenizer_path());
@@ -150,27 +153,39 @@ nlohmann::json run_train(const Recipe& recipe) {
   if (!recipe.data.test.empty()) test_rows = load_split(recipe, recipe.data.test);
 
   // A fresh adapter leaves the model's outputs unchanged (B = 0), so the
-  // "before" evaluation is the base model's (or init_adapter's) accuracy.
+  // "before" evaluation is the base model's (or init_adapter's) accuracy. Its
+  // initialisation follows train.seed, whatever drew from torch's generator
+  // before (torch.distributed's set-up does).
+  torch::manual_seed(static_cast<uint64_t>(recipe.train.seed));
   if (recipe.train.init_adapter.empty()) model->attach(recipe.adapter);
   else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
   TrainOptions options = recipe.train;
   options.init_adapter.clear();  // loaded above, with the model's adapter config
-  make_dirs(recipe.output_dir);
-  write_json(recipe.output_dir + "/recipe.json", recipe.json);
+  if (main) {
+    make_dirs(recipe.output_dir);
+    write_json(recipe.output_dir + "/recipe.json", recipe.json);
+  }
 
   nlohmann::json eval = nlohmann::json::object();
   const bool scored = !test_rows.empty() && test_rows.front().options.size() > 0;
-  if (scored && recipe.eval_before_training) {
+  if (scored && recipe.eval_before_training && main) {
     std::cerr << "mola: evaluating " << test_rows.size() << " rows before training\n";
     eval["before"] = evaluate(*model, tok, tmpl, test_rows, recipe.eval).to_json();
   }
 
   Trainer trainer(model, options, recipe.output_dir);
-  if (!val_rows.empty() && val_rows.front().options.size() > 0)
+  trainer.set_process_group(group);
+  if (main && !val_rows.empty() && val_rows.front().options.size() > 0)
     trainer.set_eval_callback([&](int64_t) { return evaluate(*model, tok, tmpl, val_rows, recipe.eval).to_json(); });
   const TrainResult result = trainer.fit(train, validation);
 
   const std::string adapter_dir = recipe.output_dir + "/adapter";
+  const detail::Collective dist(group, model->model->embed_tokens->weight.device());
+  if (!main) {
+    dist.barrier();  // returns once rank 0 has written everything below
+    return {{"recipe", recipe.source}, {"output_dir", recipe.output_dir}, {"adapter", adapter_dir},
+            {"train", result.to_json()}, {"rank", dist.rank()}};
+  }
   models::save_adapter(*model, adapter_dir);
   if (scored) {
     std::cerr << "mola: evaluating " << test_rows.size() << " rows\n";
@@ -190,6 +205,7 @@ nlohmann::json run_train(const Recipe& recipe) {
                          {"trainable_parameters", trainable_parameters(*model)}};
   if (!eval.empty()) summary["eval"] = eval;
   write_json(recipe.output_dir + "/summary.json", summary);
+  dist.barrier();
   return summary;
 }
 
@@ -248,12 +264,15 @@ std::vector<data::Row> domain_rows(const Recipe& recipe, const std::string& file
 
 }  // namespace
 
-nlohmann::json run_continual(const Recipe& recipe) {
+nlohmann::json run_continual(const Recipe& recipe, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
   if (recipe.data.test.empty())
     throw ConfigError("recipe " + recipe.source + ": continual learning evaluates every domain after each stage; "
                       "set data.test");
-  make_dirs(recipe.output_dir);
-  write_json(recipe.output_dir + "/recipe.json", recipe.json);
+  const bool main = !group || group->getRank() == 0;  // the rank that evaluates and writes
+  if (main) {
+    make_dirs(recipe.output_dir);
+    write_json(recipe.output_dir + "/recipe.json", recipe.json);
+  }
   auto model = load_model(recipe);
   const data::Tokenizer tok = data::Tokenizer::from_file(recipe.tokenizer_path());
   const data::PromptTemplate tmpl = load_template(recipe);
@@ -261,6 +280,7 @@ nlohmann::json run_continual(const Recipe& recipe) {
   std::vector<std::vector<data::Row>> test;
   for (const auto& d : domains) test.push_back(domain_rows(recipe, recipe.data.test, d));
 
+  torch::manual_seed(static_cast<uint64_t>(recipe.train.seed));  // the adapter's initialisation, as run_train
   if (recipe.train.init_adapter.empty()) model->attach(recipe.adapter);
   else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
   TrainOptions options = recipe.train;
@@ -279,9 +299,10 @@ nlohmann::json run_continual(const Recipe& recipe) {
     for (char& c : slug)
       if (!std::isalnum(static_cast<unsigned char>(c))) c = '-';
     Trainer trainer(model, options, recipe.output_dir + "/stage-" + std::to_string(t + 1) + "-" + slug);
+    trainer.set_process_group(group);
     const TrainResult result = trainer.fit(data::tokenize_rows(rows, tmpl, tok, recipe.data.options));
     nlohmann::json evals = nlohmann::json::object();
-    for (size_t i = 0; i < T; ++i) {
+    for (size_t i = 0; main && i < T; ++i) {
       const EvalResult e = evaluate(*model, tok, tmpl, test[i], recipe.eval);
       evals[domains[i]] = e.to_json();
       for (const auto& method : e.methods) {
@@ -292,6 +313,12 @@ nlohmann::json run_continual(const Recipe& recipe) {
     }
     stages.push_back({{"domain", domains[t]}, {"train", result.to_json()}, {"eval", evals}});
   }
+  const detail::Collective dist(group, model->model->embed_tokens->weight.device());
+  if (!main) {
+    dist.barrier();  // returns once rank 0 has written everything below
+    return {{"recipe", recipe.source}, {"output_dir", recipe.output_dir}, {"adapter", recipe.output_dir + "/adapter"},
+            {"stages", stages}, {"rank", dist.rank()}};
+  }
   models::save_adapter(*model, recipe.output_dir + "/adapter");
   nlohmann::json out{{"domains", domains}, {"domain_field", recipe.data.domain_field}, {"stages", stages}};
   for (const auto& [method, r] : accuracy) {
@@ -299,6 +326,7 @@ nlohmann::json run_continual(const Recipe& recipe) {
     out[method] = {{"accuracy", r}, {"OP", m.op}, {"PD", m.pd}};
   }
   write_json(recipe.output_dir + "/continual.json", out);
+  dist.barrier();
   return {{"recipe", recipe.source}, {"output_dir", recipe.output_dir}, {"adapter", recipe.output_dir + "/adapter"},
           {"continual", out}};
 }

@@ -7,6 +7,7 @@
 #include <mola/models/adapter.h>
 
 #include "train/checkpoint.h"
+#include "train/distributed.h"
 #include "train/progress.h"
 
 #include <ATen/autocast_mode.h>
@@ -143,9 +144,11 @@ double Trainer::evaluate(const std::vector<data::Example>& examples) {
   model_->eval();
   at::NoGradGuard no_grad;
   const at::Device device = model_->parameters().front().device();
+  const detail::Collective dist(group_, device);
   double loss_sum = 0.0;
   int64_t counted = 0;
   for (size_t begin = 0; begin < examples.size(); begin += static_cast<size_t>(options_.micro_batch_size)) {
+    if (!dist.owns(static_cast<int64_t>(begin) / options_.micro_batch_size)) continue;  // another rank's
     std::vector<int64_t> idx;
     for (size_t i = begin; i < std::min(examples.size(), begin + options_.micro_batch_size); ++i)
       idx.push_back(static_cast<int64_t>(i));
@@ -161,6 +164,13 @@ double Trainer::evaluate(const std::vector<data::Example>& examples) {
     counted += n;
   }
   if (was_training) model_->train();
+  if (dist.active()) {
+    at::Tensor totals = at::tensor({loss_sum, static_cast<double>(counted)}, at::kDouble).to(device);
+    dist.sum(totals);
+    totals = totals.cpu();
+    loss_sum = totals[0].item<double>();
+    counted = static_cast<int64_t>(totals[1].item<double>());
+  }
   if (counted == 0)
     throw std::invalid_argument("Trainer.evaluate: the " + std::to_string(examples.size()) +
                                 " examples have no label tokens (all -100), so there is no loss to average");
@@ -202,6 +212,8 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
   if (trainable.params.empty())
     throw std::invalid_argument("Trainer.fit: the model has no parameter with requires_grad; the adapter is frozen");
   const at::Device device = trainable.params.front().device();
+  const detail::Collective dist(group_, device);
+  dist.broadcast_from_main(trainable.params);  // one starting adapter on every rank
 
   // transformers' AdamW defaults, weight decay on every adapter parameter.
   torch::optim::AdamW optimizer(trainable.params,
@@ -231,12 +243,13 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
   }
   state.total_steps = total;
 
-  detail::make_dirs(output_dir_);
-  const detail::MetricsLog metrics(detail::join_path(output_dir_, "metrics.jsonl"));
+  // Rank 0 writes the files and draws the progress; the other ranks are silent.
+  if (dist.is_main()) detail::make_dirs(output_dir_);
+  const detail::MetricsLog metrics(dist.is_main() ? detail::join_path(output_dir_, "metrics.jsonl") : "");
   // A resumed run drops what a killed one logged after its checkpoint.
-  if (!std::holds_alternative<bool>(options_.resume) || std::get<bool>(options_.resume))
+  if (dist.is_main() && (!std::holds_alternative<bool>(options_.resume) || std::get<bool>(options_.resume)))
     detail::trim_metrics(metrics.path(), state.step);
-  detail::ProgressBar bar(total, state.step, options_.log_every);
+  detail::ProgressBar bar(total, state.step, options_.log_every, dist.is_main() ? stderr : nullptr);
   if (!resume_dir.empty())
     bar.note("resuming from " + resume_dir + " at step " + std::to_string(state.step) + " of " +
              std::to_string(total));
@@ -252,7 +265,7 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
       state.eval_loss = evaluate(validation);
       line["eval_loss"] = detail::json_number(*state.eval_loss);
     }
-    if (on_eval_) {
+    if (on_eval_ && dist.is_main()) {
       model_->eval();
       nlohmann::json extra;
       {
@@ -282,8 +295,11 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
     at::Tensor loss_acc = at::zeros({}, at::TensorOptions(at::kDouble).device(device));
     at::Tensor aux_acc = at::zeros({}, at::TensorOptions(at::kDouble).device(device));
     int64_t step_tokens = 0;
-    for (const auto& indices : micro) {
-      const data::Batch b = data::collate(train, indices);
+    for (size_t j = 0; j < micro.size(); ++j) {
+      if (!dist.owns(static_cast<int64_t>(j))) continue;  // another rank's micro-batch
+      if (dist.active())
+        torch::manual_seed(detail::micro_batch_seed(options_.seed, state.step, static_cast<int64_t>(j)));
+      const data::Batch b = data::collate(train, micro[j]);
       const at::Tensor mask = b.attention_mask.to(device);
       at::Tensor loss, aux;
       {
@@ -299,6 +315,17 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
       loss_acc += loss.detach().to(at::kDouble) / n_micro;
       aux_acc += aux.detach().to(at::kDouble) / n_micro;
       step_tokens += b.num_tokens;
+    }
+    if (dist.active()) {
+      // The ranks' partial sums add up to the one-process batch (distributed.h).
+      dist.sum_gradients(trainable.params);
+      at::Tensor totals = at::stack({loss_acc, aux_acc, at::scalar_tensor(static_cast<double>(step_tokens),
+                                                                          loss_acc.options())});
+      dist.sum(totals);
+      totals = totals.cpu();
+      loss_acc = totals[0];
+      aux_acc = totals[1];
+      step_tokens = static_cast<int64_t>(totals[2].item<double>());
     }
     // The norm before clipping, as transformers logs it; clip_grad_norm_
     // returns it. 0 turns clipping off but the norm is still reported.
@@ -356,9 +383,15 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
     if ((options_.save_every > 0 && state.step % options_.save_every == 0) || state.step == total) {
       state.sampler = sampler.position();
       state.elapsed_s = elapsed();
-      last_checkpoint = detail::save_checkpoint(output_dir_, *model_, optimizer, trainable, state, options_, device);
-      detail::prune_checkpoints(output_dir_, options_.save_total_limit);
-      bar.note("saved " + last_checkpoint);
+      if (dist.is_main()) {
+        last_checkpoint = detail::save_checkpoint(output_dir_, *model_, optimizer, trainable, state, options_, device);
+        detail::prune_checkpoints(output_dir_, options_.save_total_limit);
+        bar.note("saved " + last_checkpoint);
+      } else {
+        last_checkpoint =
+            detail::join_path(detail::checkpoints_dir(output_dir_), "step-" + std::to_string(state.step));
+      }
+      dist.barrier();  // the checkpoint is complete on disk for every rank
     }
   }
   bar.finish();

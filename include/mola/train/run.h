@@ -14,6 +14,7 @@
 #include <mola/train/recipe.h>
 
 #include <nlohmann/json.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <memory>
 #include <string>
@@ -33,7 +34,11 @@ data::PromptTemplate load_template(const Recipe& recipe);
 // overrides), metrics.jsonl and checkpoints/ (the Trainer), adapter/ (the
 // final adapter), eval.json (test split, before and after training, with the
 // majority baseline), expert_load.json and summary.json (returned).
-nlohmann::json run_train(const Recipe& recipe);
+// With a process group (design.md 11; `torchrun ... -m mola train`) every rank
+// calls this: they train together (Trainer::set_process_group), rank 0 alone
+// evaluates and writes the files and returns the summary; the other ranks
+// return {recipe, output_dir, adapter, train, rank} once rank 0 is done.
+nlohmann::json run_train(const Recipe& recipe, const c10::intrusive_ptr<c10d::ProcessGroup>& group = {});
 
 // The continual-learning metrics of the MoLA paper (methods.md, Tables 5
 // and 6) from R[t][i], the accuracy on domain i after training through
@@ -50,7 +55,9 @@ ContinualMetrics continual_metrics(const std::vector<std::vector<double>>& accur
 // then every domain's test rows evaluated; writes continual.json with the
 // accuracy matrices and OP / PD (by generation and by log-likelihood, as the
 // recipe's eval.methods), and returns it.
-nlohmann::json run_continual(const Recipe& recipe);
+// With a process group, the stages train on every rank and rank 0 alone
+// evaluates and writes, as run_train.
+nlohmann::json run_continual(const Recipe& recipe, const c10::intrusive_ptr<c10d::ProcessGroup>& group = {});
 
 // Evaluates the recipe's model with `adapter_dir` loaded ("" = the base
 // model) on `split` ("test", "validation" or a JSON Lines path); returns the
@@ -67,7 +74,12 @@ nlohmann::json expert_load(models::CausalLMImpl& model, const std::vector<data::
 
 // The `mola` command line (without the program name). Prints to stdout and
 // stderr; returns the exit status: 0, 1 (the run failed), 2 (a user error:
-// bad arguments, recipe, file; one line, no backtrace).
-int run_command(const std::vector<std::string>& args);
+// bad arguments, recipe, file; one line, no backtrace). `group`: the process
+// group `mola train` joins (python -m mola passes torch.distributed's WORLD
+// under torchrun); the other commands run in one process and refuse a group
+// of more than one rank. Without a group, `mola train` under a launcher that
+// set WORLD_SIZE > 1 is a user error that names python -m mola: this program
+// does not create a group itself (the LibTorch wheel ships no Gloo headers).
+int run_command(const std::vector<std::string>& args, const c10::intrusive_ptr<c10d::ProcessGroup>& group = {});
 
 }  // namespace mola::train

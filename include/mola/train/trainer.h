@@ -16,6 +16,11 @@
 // stepping, and a resumed run continues the interrupted one exactly (data
 // order, dropout RNG, optimizer and schedule state).
 //
+// Distributed (design.md 11): set_process_group joins a torch.distributed
+// process group (Gloo on the CPU, NCCL on CUDA); N ranks then train as one
+// process on the same global batch, each running its share of the batch's
+// micro-batches (see set_process_group).
+//
 // The loop is in src/train/trainer.cpp, the checkpoint files in
 // src/train/checkpoint.cpp, the progress bar and metrics file in
 // src/train/progress.cpp.
@@ -35,6 +40,7 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 namespace mola::train {
 
@@ -80,6 +86,27 @@ class Trainer {
 
   void set_eval_callback(EvalCallback callback) { on_eval_ = std::move(callback); }
 
+  // Trains as one rank of `group` (null: alone, the default). Every rank must
+  // construct its Trainer with the same model files, options and data and call
+  // fit() (and evaluate()) together; then:
+  //  - the adapter starts as rank 0's (broadcast at the start of fit);
+  //  - each global batch is the one a single process would draw; rank r runs
+  //    its micro-batches j with j % world_size == r, and the gradients are
+  //    summed across the ranks before clipping and the AdamW step, so N ranks
+  //    make the update one process makes on that batch (to float rounding);
+  //  - the logged loss, aux loss and token counts are reduced the same way,
+  //    and evaluate() splits its micro-batches and reduces the loss;
+  //  - dropout draws depend on (seed, step, micro-batch) only, so they do not
+  //    depend on the number of ranks (they differ from a run without a group);
+  //  - only rank 0 writes metrics.jsonl, checkpoints and progress and runs the
+  //    evaluation callback; the others wait at a barrier after each checkpoint.
+  // A resume reads the checkpoint on every rank: output_dir must be on a file
+  // system all ranks see. Collectives wait as long as the group's timeout.
+  // In Python: torch.distributed.init_process_group(...), then
+  // mola.Trainer(..., process_group=torch.distributed.group.WORLD).
+  void set_process_group(c10::intrusive_ptr<c10d::ProcessGroup> group) { group_ = std::move(group); }
+  const c10::intrusive_ptr<c10d::ProcessGroup>& process_group() const { return group_; }
+
   // Trains on `train` (input_ids and labels per example; labels -100 where no
   // loss is taken) and evaluates on `validation` (when not empty). Throws
   // std::invalid_argument for bad examples (empty, token ids outside the
@@ -100,6 +127,7 @@ class Trainer {
   TrainOptions options_;
   std::string output_dir_;
   EvalCallback on_eval_;
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
 };
 
 }  // namespace mola::train

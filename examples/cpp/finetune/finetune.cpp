@@ -1,16 +1,17 @@
-// Fine-tuning from C++ (design.md 6.2): load the bundled pretrained tiny llama
-// (data/models/stories260K, a Hugging Face checkpoint directory), attach a MoLA
-// adapter, train it on ScienceQA with mola::train::Trainer, save the adapter
-// and continue a story with it. Exits non-zero if the loss does not fall, so
-// the test suite runs it as a check.
+// Fine-tuning from C++ (design.md 6.2), built against the installed package
+// (find_package(mola), examples/cpp/finetune/CMakeLists.txt): load the bundled
+// pretrained tiny llama (data/models/stories260K, a Hugging Face checkpoint
+// directory), attach a MoLA adapter, train it on ScienceQA with mola::Trainer,
+// save the adapter and continue a story with it. Exits 1 if the loss does not
+// fall, so ctest runs it as a check (tests/cpp/package_install.cmake).
 //
-//   build/py/examples/cpp/finetune_tiny [OUTPUT_DIR]      (from the repository root)
+//   build/finetune/finetune [OUTPUT_DIR]      (from the mola repository root: it reads data/ and configs/)
 #include <mola/mola.h>
 
 #include <iostream>
 
 int main(int argc, char** argv) {
-  const std::string out = argc > 1 ? argv[1] : "out/example-finetune-tiny";
+  const std::string out = argc > 1 ? argv[1] : "out/example-finetune";
   const std::string model_dir = "data/models/stories260K";
 
   // The model, its tokenizer, and an adapter: 2-4-6-8 experts spread over its 5 layers.
@@ -19,10 +20,10 @@ int main(int argc, char** argv) {
   model->attach(cfg);  // freezes everything but the adapters
   const auto tok = mola::data::Tokenizer::from_file(model_dir + "/tokenizer.model");
 
-  // 32 ScienceQA rows in the authors' alpaca format, tokenised as their finetune.py does.
+  // 16 ScienceQA rows in the authors' alpaca format, tokenised as their finetune.py does.
   const auto tmpl = mola::data::PromptTemplate::from_json_file("data/templates/alpaca.json");
   auto rows = mola::data::load_rows("data/tasks/scienceqa/train.jsonl");
-  rows.resize(32);
+  rows.resize(16);
   mola::data::DataOptions data_options;
   data_options.cutoff_len = 512;
   const auto examples = mola::data::tokenize_rows(rows, tmpl, tok, data_options);
