@@ -17,3 +17,7 @@ from ._C import (BatchSampler, NonFiniteLossError, Trainer, TrainOptions, collat
 
 __all__ = ["Trainer", "TrainOptions", "NonFiniteLossError", "lr_multiplier", "list_checkpoints", "collate",
            "group_by_length", "BatchSampler"]
+
+NonFiniteLossError.__doc__ = (
+    "Raised by Trainer.fit when the loss or the gradient norm is NaN or infinite (a FloatingPointError); "
+    "the message names the step, the last good checkpoint and the likely cause.")

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import secrets
-from typing import Any, Callable, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -46,16 +46,49 @@ def _is_cpp_model(model: Any) -> bool:
     return isinstance(model, CausalLM)
 
 
-def save_adapter(model: Union[nn.Module, Any], directory: PathLike) -> None:
+def save_adapter(model: Union[nn.Module, Any], directory: PathLike,
+                 state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Write the adapter of an injected ``model`` (or a ``mola.CausalLM`` with an
-    attached adapter) to ``directory`` (created if needed)."""
+    attached adapter) to ``directory`` (created if needed).
+
+    ``state_dict``: take the adapter tensors from this full state dict (keys as
+    ``model.state_dict()``'s) instead of the modules. A model sharded with FSDP2
+    holds only its shard of each parameter: gather the full state dict first
+    (``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with
+    ``full_state_dict=True``) and pass it here, on the rank that writes.
+    """
     if _is_cpp_model(model):
+        if state_dict is not None:
+            raise ValueError("save_adapter: state_dict is for nn.Module models; a mola.CausalLM "
+                             "saves its own adapter tensors")
         model.save_adapter(os.fspath(directory))
         return
     resolved = _model_config(model, "save_adapter")
     modules = _keyed_modules(model, resolved, "save_adapter")
-    tensors = {f"{key}.mola.{name}": getattr(m, name).detach().to("cpu").contiguous()
-               for key, m in modules.items() for name in PARAMS}
+    paths = {adapter_key(path): path for path, _ in mola_modules(model)}
+    tensors = {}
+    for key, m in modules.items():
+        for name in PARAMS:
+            if state_dict is None:
+                tensor = getattr(m, name)
+                if _is_sharded(tensor):
+                    raise ValueError(f"save_adapter: {paths[key]}.{name} is a sharded DTensor (FSDP2); "
+                                     "gather the full state dict with torch.distributed.checkpoint.state_dict."
+                                     "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
+                                     "and pass it as state_dict=")
+            else:
+                full = f"{paths[key]}.{name}"
+                if full not in state_dict:
+                    raise ValueError(f"save_adapter: state_dict has no {full!r}; give the model's full "
+                                     f"state dict (it has {len(state_dict)} keys)")
+                tensor = state_dict[full]
+                if _is_sharded(tensor):
+                    raise ValueError(f"save_adapter: state_dict[{full!r}] is a sharded DTensor; gather "
+                                     "it with full_state_dict=True first")
+                if tuple(tensor.shape) != tuple(getattr(m, name).shape):
+                    raise ValueError(f"save_adapter: state_dict[{full!r}] has shape {list(tensor.shape)} "
+                                     f"but the module's is {list(getattr(m, name).shape)}")
+            tensors[f"{key}.mola.{name}"] = tensor.detach().to("cpu").contiguous()
     config = dict(resolved)
     name = _base_model_name(model)
     if name:
@@ -217,6 +250,12 @@ def _settings(m: MoLALinear, resolved: Dict[str, Any], layer: int) -> List[Tuple
             ("top_k", m.top_k, resolved["top_k"][layer]),
             ("rank", m.rank, resolved["rank"][layer]),
             ("scaling", m.scaling, resolved["scaling"][layer])]
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2, tensor parallel) that is not fully replicated here."""
+    placements = getattr(tensor, "placements", None)
+    return placements is not None and not all(p.is_replicate() for p in placements)
 
 
 def _model_config(model: nn.Module, who: str) -> Dict[str, Any]:

@@ -12,3 +12,6 @@ from ._C import (DataFileNotFoundError, DataOptions, Example, PromptTemplate, Ro
 
 __all__ = ["DataFileNotFoundError", "DataOptions", "Example", "PromptTemplate", "Row", "Tokenizer", "load_rows",
            "task_names", "tokenize_row", "tokenize_rows"]
+
+DataFileNotFoundError.__doc__ = (
+    "A data, template or tokenizer file that does not exist (a FileNotFoundError); the message names the path.")

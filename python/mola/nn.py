@@ -67,10 +67,12 @@ class MoLALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
+        """The base layer's input width."""
         return self.base.in_features
 
     @property
     def out_features(self) -> int:
+        """The base layer's output width."""
         return self.base.out_features
 
     @torch.no_grad()
@@ -84,6 +86,8 @@ class MoLALinear(nn.Module):
         self.lora_b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = base(x) + scaling * sum_j w_j B_j A_j dropout(x)`` for ``x [..., in]``;
+        keeps the router logits ``[T, E]`` of this call in ``.router_logits``."""
         seed = None
         if self.training and self.dropout > 0.0:
             # A fresh mask per call from torch's CPU generator (torch.manual_seed
@@ -96,6 +100,7 @@ class MoLALinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
+        """The settings shown in ``repr(module)``."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, compute={self.compute!r}, "

@@ -30,7 +30,10 @@ at::Tensor load_balancing_loss_impl(at::TensorList router_logits, at::IntArrayRe
                       "] must be [rows, experts]; got ", logits.sym_sizes());
     TORCH_SYM_CHECK(logits.sym_size(0).sym_gt(0), "load_balancing_loss: router_logits[", l,
                     "] has no rows; drop layers that saw no tokens");
-    const int64_t E = logits.size(1), k = top_k[l];
+    // sym_size, never size(): on a symbolic tensor size() specialises every
+    // dimension, so torch.compile(dynamic) would recompile per token count.
+    // E is guarded (it is fixed per layer), the row count stays symbolic.
+    const int64_t E = logits.sym_size(1).guard_int(__FILE__, __LINE__), k = top_k[l];
     TORCH_CHECK_VALUE(k >= 1 && k <= E, "load_balancing_loss: top_k[", l, "] (", k,
                       ") must be between 1 and that layer's number of experts (", E, ")");
     at::Tensor P = at::softmax(logits.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat), -1);  // [N, E]

@@ -73,9 +73,10 @@ class MoeLoraFunction : public torch::autograd::Function<MoeLoraFunction> {
                                 ctx->needs_input_grad(after_bias + 2)};
     at::Tensor grad_y = grad_outputs[0];
     if (!grad_y.defined()) {
-      std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-      shape.back() = weight.size(0);
-      grad_y = at::zeros(shape, x.options());
+      // Symbolic sizes, so that a traced backward does not specialise x's shape.
+      std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end());
+      shape.back() = weight.sym_size(0);
+      grad_y = at::zeros_symint(shape, x.options());
     }
     auto [gx, gw, gb, gr, ga, gbb] =
         bwd.call(grad_y, opt(grad_outputs[1]), x, weight, saved[2], saved[3], saved[4], saved[5],

@@ -1,0 +1,79 @@
+"""The documentation runs: every ```python and ```bash block of each page in
+docs/ is executed, in order, from a scratch directory that sees the
+repository's data/, configs/ and examples/ (so the pages use the same relative
+paths a user in the repository would); every ```console block names scripts in
+examples/ that a test runs. The pages' links resolve, and the README links the
+index.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+PAGES = sorted(p.name for p in DOCS.glob("*.md"))
+BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+# docs/cpp.md comes from the C++ package work (wt-cpkg), merged beside these pages.
+OTHER_BRANCH_PAGES = {"cpp.md"}
+
+
+def _blocks(page, language):
+    return [code for lang, code in BLOCK.findall((DOCS / page).read_text()) if lang == language]
+
+
+@pytest.fixture()
+def scratch(tmp_path):
+    for name in ("data", "configs", "examples"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    return tmp_path, env
+
+
+def test_the_pages_are_there():
+    assert {"README.md", "python.md", "recipes.md", "distributed.md"} <= set(PAGES)
+    index = (DOCS / "README.md").read_text()
+    for page in PAGES + sorted(OTHER_BRANCH_PAGES):
+        if page != "README.md":
+            assert f"({page})" in index, f"docs/README.md does not list {page}"
+    assert "(docs/README.md)" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_links_resolve(page):
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (DOCS / page).read_text()):
+        if re.match(r"[a-z]+://", target) or (target in OTHER_BRANCH_PAGES and not (DOCS / target).exists()):
+            continue
+        assert (DOCS / target).exists(), f"{page} links {target}, which does not exist"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p, "python") or _blocks(p, "bash")])
+def test_page_examples_run(page, scratch):
+    cwd, env = scratch
+    for i, code in enumerate(_blocks(page, "bash")):
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, f"{page} bash block {i + 1}:\n{code}\n{run.stdout[-2000:]}{run.stderr[-4000:]}"
+    python = _blocks(page, "python")
+    if python:  # the blocks of a page build on each other: one script
+        script = cwd / f"{page}.py"
+        script.write_text("\n".join(python))
+        run = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, f"{page}:\n{run.stdout[-2000:]}{run.stderr[-4000:]}"
+        print(f"--- {page}\n{run.stdout}")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p, "console")])
+def test_console_blocks_name_scripts_a_test_runs(page):
+    tests = "".join(p.read_text() for p in (ROOT / "tests/python").glob("test_*.py"))
+    for code in _blocks(page, "console"):
+        scripts = re.findall(r"examples/python/([\w.]+\.py)", code)
+        assert scripts, f"{page}: a console block must run a script in examples/python/:\n{code}"
+        for name in scripts:
+            assert (ROOT / "examples/python" / name).is_file(), name
+            assert name in tests, f"{page} shows examples/python/{name}, which no test runs"

@@ -1,0 +1,51 @@
+"""Every public Python name has a docstring: the names in ``__all__`` of mola
+and of its public submodules, and the public methods and properties of the
+classes defined in Python."""
+import inspect
+
+import pytest
+
+import mola
+import mola.data
+import mola.ops
+
+MODULES = [mola, mola.ops, mola.data]
+try:
+    import mola.integrations  # needs transformers and accelerate
+
+    MODULES.append(mola.integrations)
+except ImportError:
+    pass
+
+
+def _documented(obj):
+    doc = getattr(obj, "__doc__", None)
+    return bool(doc and doc.strip())
+
+
+def _public_names():
+    for module in MODULES:
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, (str, bool, int, float, dict, tuple)):
+                continue  # values: __version__, built_with_cuda, COMPUTE
+            yield f"{module.__name__}.{name}", obj
+
+
+@pytest.mark.parametrize("name, obj", list(_public_names()), ids=lambda v: v if isinstance(v, str) else "")
+def test_public_name_has_a_docstring(name, obj):
+    assert _documented(obj), f"{name} has no docstring"
+    if inspect.isclass(obj) and obj.__module__.startswith("mola.") and obj.__module__ != "mola._C":  # Python classes
+        for attr, value in vars(obj).items():
+            if attr.startswith("_"):
+                continue
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            if inspect.isfunction(value) or isinstance(value, property):
+                assert _documented(value), f"{name}.{attr} has no docstring"
+
+
+def test_every_module_lists_its_names():
+    for module in MODULES:
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.__all__ names {name}, which it lacks"
