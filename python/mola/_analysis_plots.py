@@ -100,10 +100,13 @@ def _heatmaps(layers: List[Dict[str, Any]], grids: Dict[str, List[List[Optional[
         ax.set_yticks(range(len(layers)), [str(l["layer"]) for l in layers])
         ax.tick_params(labelsize=7)
         if width <= 8 and len(layers) <= 12:
+            norm = image.norm
             for i in range(len(layers)):
                 for e in range(width):
                     if not np.isnan(data[i, e]):
-                        ax.text(e, i, f"{data[i, e]:.2f}", ha="center", va="center", fontsize=6, color="white")
+                        dark = norm(data[i, e]) < 0.6  # viridis is dark below ~60%: white text there
+                        ax.text(e, i, f"{data[i, e]:.2f}", ha="center", va="center", fontsize=6,
+                                color="white" if dark else "black")
         fig.colorbar(image, ax=ax, label=colorbar)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
