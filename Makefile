@@ -25,7 +25,7 @@ export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_f
         install-fuzz-debs fuzz test-fuzz test-sanitize test-sanitize-fast
 
 help:
-	@echo "make run    - set up, build, fine-tune the bundled tiny llama on ScienceQA with MoLA, write a report"
+	@echo "make run    - set up, build, fine-tune the bundled tiny llama on ScienceQA with MoLA, analyse it, write a report"
 	@echo "make test   - set up, build and run the C++ (ctest) and Python (pytest) tests"
 	@echo "make bench  - the CPU layer benchmark (bench/layer.py), JSON to bench/results/"
 	@echo "make fuzz   - fuzz the safetensors, config.json, recipe and preset readers, FUZZ_SECONDS (60) each"
@@ -90,12 +90,15 @@ test-sanitize: setup install-fuzz-debs
 test: test-cpp test-python test-sanitize-fast test-fuzz
 
 # The main job: MoLA (preset 2468 over the 5 layers, top-2) on the bundled
-# pretrained tiny llama, ScienceQA train -> test, then the report.
+# pretrained tiny llama, ScienceQA train -> test, the analysis of the trained
+# adapter on the test split (RUN_OUT/analysis), then the report, which links to it.
 RUN_RECIPE ?= configs/recipes/tiny/scienceqa-2468.json
 RUN_OUT    ?= out/tiny/scienceqa-2468
+RUN_DATA   ?= data/tasks/scienceqa/test.jsonl
 run: build
 	@start=$$(date +%s); \
 	$(PY) -m mola train $(RUN_RECIPE) --set output_dir=$(RUN_OUT) --set train.resume=true; \
+	$(PY) -m mola analyze $(RUN_OUT)/adapter --data $(RUN_DATA) --max-examples 200; \
 	$(PY) -m mola report $(RUN_OUT); \
 	echo "make run: $$(( $$(date +%s) - start )) s; open $(RUN_OUT)/report.html"
 

@@ -302,7 +302,8 @@ std::vector<std::string> AdapterConfig::default_targets() {
 
 const std::vector<std::string>& AdapterConfig::keys() {
   static const std::vector<std::string> k = {"method",  "experts", "top_k",         "rank",   "alpha",
-                                             "dropout", "targets", "aux_loss_coef", "compute"};
+                                             "dropout", "targets", "aux_loss_coef", "compute",
+                                             "init"};
   return k;
 }
 
@@ -315,6 +316,11 @@ const std::vector<std::string>& AdapterConfig::methods() {
 
 const std::vector<std::string>& AdapterConfig::compute_modes() {
   static const std::vector<std::string> m = {"auto", "dense", "grouped"};
+  return m;
+}
+
+const std::vector<std::string>& AdapterConfig::inits() {
+  static const std::vector<std::string> m = {"kaiming", "gaussian", "pissa"};
   return m;
 }
 
@@ -337,6 +343,7 @@ AdapterConfig AdapterConfig::from_json(const nlohmann::json& j) {
   if (j.contains("targets")) c.targets = get_string_list(j, "targets");
   if (j.contains("aux_loss_coef")) c.aux_loss_coef = get_number(j, "aux_loss_coef");
   if (j.contains("compute")) c.compute = get_string(j, "compute", "auto");
+  if (j.contains("init")) c.init = get_string(j, "init", "kaiming");
   c.validate();
   return c;
 }
@@ -383,7 +390,8 @@ AdapterConfig AdapterConfig::from_json_file(const std::string& path) {
 nlohmann::json AdapterConfig::to_json() const {
   return json{{"method", method},   {"experts", experts.to_json()},   {"top_k", top_k.to_json()},
               {"rank", rank.to_json()}, {"alpha", alpha},             {"dropout", dropout},
-              {"targets", targets}, {"aux_loss_coef", aux_loss_coef}, {"compute", compute}};
+              {"targets", targets}, {"aux_loss_coef", aux_loss_coef}, {"compute", compute},
+              {"init", init}};
 }
 
 void AdapterConfig::validate() const {
@@ -415,6 +423,7 @@ void AdapterConfig::validate() const {
     fail("aux_loss_coef ", aux_loss_coef,
          " must be a finite number >= 0; 0 turns the load-balancing loss off (default 0.001)");
   check_one_of("compute", compute, compute_modes());
+  check_one_of("init", init, inits());
 }
 
 ResolvedAdapter AdapterConfig::resolve(int64_t num_layers) const {
@@ -437,6 +446,7 @@ ResolvedAdapter AdapterConfig::resolve(int64_t num_layers) const {
   r.targets = targets;
   r.aux_loss_coef = aux_loss_coef;
   r.compute = compute;
+  r.init = init;
   return r;
 }
 
@@ -447,7 +457,7 @@ int64_t AdapterConfig::num_parameters(const std::vector<LinearShape>& shapes, in
 bool operator==(const AdapterConfig& a, const AdapterConfig& b) {
   return a.method == b.method && a.experts == b.experts && a.top_k == b.top_k && a.rank == b.rank &&
          a.alpha == b.alpha && a.dropout == b.dropout && a.targets == b.targets &&
-         a.aux_loss_coef == b.aux_loss_coef && a.compute == b.compute;
+         a.aux_loss_coef == b.aux_loss_coef && a.compute == b.compute && a.init == b.init;
 }
 
 // ------------------------------------------------------------- ResolvedAdapter
@@ -458,6 +468,7 @@ nlohmann::json ResolvedAdapter::to_json() const {
          {"alpha", alpha},   {"dropout", dropout},       {"targets", targets},
          {"aux_loss_coef", aux_loss_coef}, {"compute", compute}};
   if (!base_model_name.empty()) j["base_model_name"] = base_model_name;
+  if (init != "kaiming") j["init"] = init;
   return j;
 }
 

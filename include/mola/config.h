@@ -87,14 +87,16 @@ struct ResolvedAdapter {
   std::vector<std::string> targets;
   double aux_loss_coef = 0.001;
   std::string compute = "auto";
+  std::string init = "kaiming";  // AdapterConfig::init; PiSSA also changes the base weights
   // Set by whoever saves the adapter (design.md 6.4); resolve() leaves it "".
   std::string base_model_name;
 
   // Keys: the field names above; experts, top_k, rank, scaling as lists;
-  // base_model_name only when it is not empty.
+  // base_model_name only when it is not empty, init only when it is not
+  // "kaiming" (so adapters written before init existed read the same).
   nlohmann::json to_json() const;
-  // Reads what to_json() wrote (no other keys; "scaling" and "base_model_name"
-  // are optional, and scaling, when present, must equal alpha / rank).
+  // Reads what to_json() wrote (no other keys; "scaling", "base_model_name"
+  // and "init" are optional, and scaling, when present, must equal alpha / rank).
   // Re-validates everything.
   static ResolvedAdapter from_json(const nlohmann::json& j);
   // sum over layers l of E_l * sum over targets t of (r_l * (in_t + out_t) + in_t):
@@ -116,6 +118,19 @@ struct AdapterConfig {
   std::vector<std::string> targets = default_targets();
   double aux_loss_coef = 0.001;  // load-balancing loss weight, >= 0 (0: off)
   std::string compute = "auto";  // one of compute_modes()
+  // How the experts start (design.md 8.1), one of inits():
+  //   "kaiming"  A Kaiming-uniform (a = sqrt(5)), B zero: LoRA's and the MoLA
+  //              authors' init; the adapted model starts as the base model.
+  //   "gaussian" A ~ N(0, (1/r)^2) (std 1/r, as PEFT's init_lora_weights=
+  //              "gaussian"), B zero.
+  //   "pissa"    PiSSA (Meng et al. 2024): from the top-r SVD W = U S V^T,
+  //              A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s) with s =
+  //              alpha / r, the same in every expert, and the base weight
+  //              becomes W - s B A = W - U_r S_r V_r^T. The routing weights
+  //              of a token sum to 1, so the mixture adds back exactly s B A
+  //              and the model's output is unchanged at the start.
+  // The router is Kaiming-uniform in all three.
+  std::string init = "kaiming";
 
   // The defaults for `method`: the struct's, with experts = top_k = 1 for "lora".
   // Not validated (an unknown method fails in validate()).
@@ -145,6 +160,7 @@ struct AdapterConfig {
   static const std::vector<std::string>& keys();           // the JSON keys, in field order
   static const std::vector<std::string>& methods();        // supported adapter methods
   static const std::vector<std::string>& compute_modes();  // auto, dense, grouped
+  static const std::vector<std::string>& inits();          // kaiming, gaussian, pissa
 };
 
 bool operator==(const AdapterConfig& a, const AdapterConfig& b);

@@ -214,6 +214,19 @@ void mola_bind_models(py::module_& m) {
             return d;
           },
           "The adapter's parameters by their file keys (shared, not copies).")
+      .def(
+          "router_logits",
+          [](const CausalLMImpl& self) {
+            py::dict d;
+            for (const auto& a : self.adapted_projections()) {
+              const at::Tensor& logits = a.module->mola->router_logits;
+              if (logits.defined()) d[py::str(a.path)] = logits;
+            }
+            return d;
+          },
+          "The router logits [tokens, E] of the last forward, by adapted module path "
+          "(\"model.layers.3.self_attn.q_proj\"), rows in input_ids' row-major token order, padding "
+          "included; empty before the first forward or without an adapter.")
       .def_property_readonly(
           "config",
           [](const CausalLMImpl& self) { return json_to_python(self.config().to_json()); },

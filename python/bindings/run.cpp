@@ -88,4 +88,27 @@ void mola_bind_run(py::module_& m) {
       },
       py::arg("recipe"), py::arg("overrides") = py::none(),
       "Reads and validates a recipe (every section); returns its JSON after the overrides. Raises ValueError.");
+  m.def(
+      "recipe_inputs",
+      [](const std::string& recipe) {
+        const auto r = mola::train::Recipe::from_file(recipe);
+        nlohmann::json j{{"model_path", r.model.path.empty() ? "" : r.resolve_path(r.model.path)},
+                         {"dtype", r.model.dtype},
+                         {"device", r.model.device},
+                         {"template", r.template_path()},
+                         {"task", r.data.task},
+                         {"cutoff_len", r.data.options.cutoff_len},
+                         {"train_on_inputs", r.data.options.train_on_inputs},
+                         {"add_eos_token", r.data.options.add_eos_token}};
+        j["tokenizer"] = r.model.path.empty() && r.tokenizer.empty() ? "" : r.tokenizer_path();
+        const auto file = [&](const std::string& f) { return f.empty() ? f : r.resolve_path(f); };
+        j["train"] = file(r.data.train);
+        j["validation"] = file(r.data.validation);
+        j["test"] = file(r.data.test);
+        return to_python(j);
+      },
+      py::arg("recipe"),
+      "What a recipe's run reads, its paths resolved as the run resolves them: model_path, dtype, device, "
+      "tokenizer, template ('' for raw), task, cutoff_len, train_on_inputs, add_eos_token and the train / "
+      "validation / test files ('' when absent). Raises ValueError for a bad recipe.");
 }

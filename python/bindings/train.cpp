@@ -141,7 +141,8 @@ void mola_bind_train(py::module_& m) {
       .def_readwrite("save_every", &TrainOptions::save_every)
       .def_readwrite("save_total_limit", &TrainOptions::save_total_limit)
       .def_readwrite("resume", &TrainOptions::resume)
-      .def_readwrite("init_adapter", &TrainOptions::init_adapter);
+      .def_readwrite("init_adapter", &TrainOptions::init_adapter)
+      .def_readwrite("trainable", &TrainOptions::trainable);
 
   py::class_<Trainer, std::shared_ptr<Trainer>>(
       m, "Trainer",

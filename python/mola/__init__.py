@@ -18,6 +18,8 @@ from ._run import evaluate_recipe, load_recipe, train
 from .evaluation import EvalOptions, evaluate, majority_baseline, parse_answer
 from . import data
 from ._trainer import NonFiniteLossError, Trainer, TrainOptions
+from .trainable import set_trainable
+from . import analysis
 
 __version__ = "0.1.0"
 built_with_cuda = _C.built_with_cuda
@@ -26,4 +28,4 @@ __all__ = ["CausalLM", "MoLAConfig", "MoLALinear", "aux_loss", "ops", "expand_pr
            "built_with_cuda", "__version__",
            "inject", "save_adapter", "load_adapter", "train", "evaluate_recipe", "load_recipe", "data",
            "EvalOptions", "evaluate", "majority_baseline", "parse_answer",
-           "Trainer", "TrainOptions", "NonFiniteLossError", "import_authors_adapter"]
+           "Trainer", "TrainOptions", "NonFiniteLossError", "import_authors_adapter", "set_trainable", "analysis"]

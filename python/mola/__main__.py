@@ -1,7 +1,8 @@
 """``python -m mola`` (and the ``mola`` console script): the same command as the
 C++ program ``mola`` (train, eval, generate, convert llama2c), run by the C++
-library through the bindings, plus two that are Python's: ``report``, which
-draws a run's plots, and ``convert mola-authors``, which reads the authors'
+library through the bindings, plus three that are Python's: ``report``, which
+draws a run's plots, ``analyze``, the redundancy and routing of an adapter
+(mola.analysis), and ``convert mola-authors``, which reads the authors'
 pickled adapter_model.bin with torch.load(weights_only=True).
 
 Under ``torchrun`` (WORLD_SIZE > 1), ``train`` joins torch.distributed: this
@@ -30,6 +31,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args[:2] == ["convert", "mola-authors"]:
         return _convert_authors(args[2:])
+    if args and args[0] == "analyze":
+        return _analyze(args[1:])
     from . import _C
     if _launcher_world_size() > 1:
         if not args or args[0] != "train":
@@ -91,6 +94,36 @@ def _convert_authors(args: List[str]) -> int:
         print(f"mola: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}: experts per layer {resolved['experts']}, top_k {resolved['top_k']}")
+    return 0
+
+
+def _analyze(args: List[str]) -> int:
+    """``analyze ADAPTER [--data FILE] [--model DIR] [--recipe R] [--out DIR] [--max-examples N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mola analyze",
+                                     description="expert redundancy and routing of a MoLA adapter (design 8.2)")
+    parser.add_argument("adapter", help="the adapter directory (adapter_config.json, adapter_model.safetensors)")
+    parser.add_argument("--data", help="JSON Lines rows in the recipe's task format: measure the routing on them")
+    parser.add_argument("--model", help="the base model directory (default: the run's recipe.json, else the "
+                                        "adapter's base_model_name)")
+    parser.add_argument("--recipe", help="the recipe the adapter was trained with (default: recipe.json beside it)")
+    parser.add_argument("--out", help="output directory (default: analysis/ beside the adapter)")
+    parser.add_argument("--max-examples", type=int, default=256, help="rows of --data to route (0: all; 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward (8)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
+    a = parser.parse_args(args)
+    if a.max_examples < 0 or a.batch_size < 1:
+        print(f"mola: error: --max-examples ({a.max_examples}) must be >= 0 and --batch-size ({a.batch_size}) "
+              ">= 1", file=sys.stderr)
+        return 2
+    from .analysis import analyze
+    try:
+        analyze(a.adapter, data=a.data, model=a.model, out=a.out, max_examples=a.max_examples,
+                batch_size=a.batch_size, recipe=a.recipe, device=a.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mola: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

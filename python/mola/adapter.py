@@ -241,6 +241,11 @@ def _keyed_modules(model: nn.Module, resolved: Dict[str, Any], who: str) -> Dict
                 raise ValueError(f"{who}: layer {layer} ({path}): the adapter config has {what}={want} "
                                  f"but the model's module has {what}={have}; inject the model with "
                                  "the adapter's config (or load into a fresh model)")
+        want_init = resolved.get("init", "kaiming")
+        if (m.init == "pissa") != (want_init == "pissa"):
+            raise ValueError(f"{who}: layer {layer} ({path}): the adapter config has init={want_init!r} but the "
+                             f"model's module has init={m.init!r}, and only PiSSA adjusts the base weights; "
+                             "load into a fresh model (mola.load_adapter injects it with the adapter's config)")
         out[key] = m
     return out
 

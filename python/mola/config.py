@@ -39,6 +39,7 @@ _EXPECTED = {
     "targets": "a list of module names such as ['q_proj', 'v_proj']",
     "aux_loss_coef": "a finite number >= 0 (default 0.001)",
     "compute": "one of 'auto', 'dense', 'grouped'",
+    "init": "one of 'kaiming', 'gaussian', 'pissa'",
 }
 
 __all__ = ["MoLAConfig", "PerLayer", "preset_names", "expand_preset"]
@@ -67,6 +68,13 @@ class MoLAConfig:
 
     ``method="lora"`` is a plain LoRA: one expert, top_k 1 (their defaults then,
     and the only values allowed).
+
+    ``init`` is how the experts start (design 8.1): ``"kaiming"`` (LoRA's and
+    the authors': A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, std
+    1/r) as PEFT's ``init_lora_weights="gaussian"``, B zero) or ``"pissa"``
+    (PiSSA: every expert gets the principal part of the base weight, A =
+    sqrt(S_r/s) V_r^T and B = U_r sqrt(S_r/s), and the base weight becomes
+    W - U_r S_r V_r^T, so the model's output is unchanged at the start).
     """
 
     method: str = _DEFAULTS["method"]
@@ -79,6 +87,7 @@ class MoLAConfig:
     targets: Tuple[str, ...] = tuple(_DEFAULTS["targets"])
     aux_loss_coef: float = _DEFAULTS["aux_loss_coef"]
     compute: str = _DEFAULTS["compute"]
+    init: str = _DEFAULTS["init"]
 
     def __post_init__(self) -> None:
         # Validate in C++ and keep its normal form: lists as lists, numbers as

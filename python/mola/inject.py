@@ -123,7 +123,8 @@ def _inject_resolved(model: nn.Module, resolved: Dict[str, Any]) -> None:
         module = MoLALinear(linear, num_experts=resolved["experts"][index],
                             top_k=resolved["top_k"][index], rank=resolved["rank"][index],
                             alpha=resolved["alpha"], dropout=resolved["dropout"],
-                            compute=resolved["compute"], layer_index=index)
+                            compute=resolved["compute"], layer_index=index,
+                            init=resolved.get("init", "kaiming"))
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, module)
     model.mola_config = dict(resolved)

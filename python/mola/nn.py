@@ -14,6 +14,7 @@ from torch import nn
 from .ops import compute_code, load_balancing_loss
 
 DEFAULT_AUX_LOSS_COEF = 1e-3  # the authors' router_aux_loss_coef (methods.md 1.2)
+INITS = ("kaiming", "gaussian", "pissa")  # mola::AdapterConfig::inits()
 
 
 class MoLALinear(nn.Module):
@@ -29,6 +30,11 @@ class MoLALinear(nn.Module):
         compute: ``"auto"``, ``"dense"`` or ``"grouped"`` (design section 4).
         layer_index: the transformer layer this module belongs to; ``aux_loss``
             groups by it (None: a group of its own).
+        init: ``"kaiming"`` (default), ``"gaussian"`` or ``"pissa"`` (see
+            ``mola.MoLAConfig``). PiSSA changes ``base.weight`` in place (W minus
+            its rank-r truncated SVD) and gives every expert the same principal
+            A and B; the routing weights of a token sum to 1, so the layer's
+            output is unchanged at the start.
 
     ``forward(x)`` returns ``y`` and keeps the router logits ``[T, E]`` of that
     call in ``.router_logits`` for ``mola.aux_loss``.
@@ -36,7 +42,7 @@ class MoLALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int,
                  alpha: float = 16.0, dropout: float = 0.0, compute="auto",
-                 layer_index: Optional[int] = None):
+                 layer_index: Optional[int] = None, init: str = "kaiming"):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise ValueError(f"MoLALinear wraps an nn.Linear; got {type(base).__name__}")
@@ -49,6 +55,8 @@ class MoLALinear(nn.Module):
             raise ValueError(f"rank={rank} must be at least 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        if init not in INITS:
+            raise ValueError(f"init={init!r} is not one of {', '.join(INITS)}")
         self.compute = compute
         self._compute_code = compute_code(compute)
         self.base = base
@@ -57,6 +65,7 @@ class MoLALinear(nn.Module):
         self.alpha, self.dropout = float(alpha), float(dropout)
         self.scaling = self.alpha / self.rank
         self.layer_index = layer_index
+        self.init = init
         w = base.weight
         kw = dict(device=w.device, dtype=w.dtype)
         self.router = nn.Parameter(torch.empty(num_experts, base.in_features, **kw))
@@ -64,6 +73,8 @@ class MoLALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.empty(num_experts, base.out_features, rank, **kw))
         self.router_logits: Optional[torch.Tensor] = None
         self.reset_parameters()
+        if init == "pissa":
+            pissa_init(self.base.weight, self.lora_a, self.lora_b, self.scaling)
 
     @property
     def in_features(self) -> int:
@@ -79,10 +90,16 @@ class MoLALinear(nn.Module):
     def reset_parameters(self) -> None:
         """LoRA's init, as the authors' code (methods.md 1.1): router and A
         ``kaiming_uniform_(a=sqrt(5))`` per expert matrix, which is
-        ``U(-1/sqrt(in), 1/sqrt(in))``; B zero, so the module starts as the base layer."""
+        ``U(-1/sqrt(in), 1/sqrt(in))``; B zero, so the module starts as the base layer.
+        With ``init="gaussian"`` A is drawn from N(0, std 1/r) instead (PEFT's
+        ``init_lora_weights="gaussian"``). PiSSA changes the base weight, so it is
+        applied once, at construction, not here."""
         bound = 1.0 / math.sqrt(self.base.in_features)
         self.router.uniform_(-bound, bound)
-        self.lora_a.uniform_(-bound, bound)
+        if self.init == "gaussian":
+            self.lora_a.normal_(0.0, 1.0 / self.rank)
+        else:
+            self.lora_a.uniform_(-bound, bound)
         self.lora_b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +121,31 @@ class MoLALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, compute={self.compute!r}, "
-                f"layer_index={self.layer_index}")
+                f"layer_index={self.layer_index}, init={self.init!r}")
+
+
+@torch.no_grad()
+def pissa_init(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+    """PiSSA (Meng et al. 2024) in place, as ``mola::nn::detail::pissa_init``.
+
+    With the SVD ``weight = U S V^T`` (fp32; fp64 for an fp64 weight) and r =
+    ``lora_a.shape[1]``: every expert gets ``A = sqrt(S_r / s) V_r^T`` and
+    ``B = U_r sqrt(S_r / s)``, and ``weight`` becomes ``weight - U_r S_r V_r^T``
+    (= weight - s B A). That product does not depend on the SVD's signs, so the
+    adjusted weight is the same wherever it is recomputed.
+    """
+    experts, r, in_features = lora_a.shape
+    out_features = weight.shape[0]
+    if r > min(weight.shape):
+        raise ValueError(f"init pissa: rank {r} exceeds min(out, in) = {min(weight.shape)} of the base weight "
+                         f"{list(weight.shape)}; lower the rank or use init 'kaiming'")
+    w = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # [out, m], [m], [m, in]
+    u_r, s_r, vh_r = u[:, :r], s[:r], vh[:r]
+    root = (s_r / scaling).sqrt()  # [r]
+    lora_a.copy_((root[:, None] * vh_r).expand(experts, r, in_features))    # [E, r, in]
+    lora_b.copy_((u_r * root[None, :]).expand(experts, out_features, r))    # [E, out, r]
+    weight.copy_(w - (u_r * s_r[None, :]) @ vh_r)                           # W - U_r S_r V_r^T
 
 
 def aux_loss(model: nn.Module, coef: Optional[float] = None,

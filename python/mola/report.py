@@ -7,7 +7,9 @@ reads ``metrics.jsonl`` (one line per step and per evaluation),
 ``eval.json`` (accuracy before and after training, majority baseline) and
 ``expert_load.json`` (the share of tokens each expert of each layer received),
 and writes ``loss.png``, ``expert_load.png``, ``report.json`` (the figures in
-one place) and ``report.html`` (the plots with a line of explanation each).
+one place) and ``report.html`` (the plots with a line of explanation each),
+which links to ``analysis/index.html`` when ``mola analyze`` wrote one there
+(``make run`` does).
 matplotlib draws off-screen (the Agg backend); nothing here needs a display.
 """
 from __future__ import annotations
@@ -137,6 +139,9 @@ def write_report(output_dir: str) -> str:
     ev = _read_json(output_dir, "eval.json")
     if ev:
         summary["eval"] = ev
+    analysis = os.path.join(output_dir, "analysis", "index.html")
+    if os.path.exists(analysis):
+        summary["analysis"] = os.path.abspath(analysis)
     with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
 
@@ -147,6 +152,9 @@ def write_report(output_dir: str) -> str:
     if ev:
         lines.extend(_accuracy_lines(ev))
     body = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    if "analysis" in summary:
+        body += ("<li><a href='analysis/index.html'>analysis of the adapter</a>: expert redundancy and routing "
+                 "(mola analyze)</li>")
     figures = "".join(f'<figure><img src="{name}" alt="{name}"><figcaption>{html.escape(text)}</figcaption></figure>'
                       for name, text in items)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>mola run: {html.escape(output_dir)}</title>"

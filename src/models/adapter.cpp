@@ -99,6 +99,11 @@ void check_same_adapter(const ResolvedAdapter& attached, const ResolvedAdapter& 
                               "; load into a model without an adapter, or attach the config of this file"));
   if (attached.scaling != loaded.scaling)
     throw ConfigError(cat(source, ": alpha ", loaded.alpha, " differs from the attached adapter's ", attached.alpha));
+  // PiSSA changed the base weights at attach; another init left them as loaded.
+  if ((attached.init == "pissa") != (loaded.init == "pissa"))
+    throw ConfigError(cat(source, ": init \"", loaded.init, "\" in the file but the attached adapter has init \"",
+                          attached.init, "\", and only PiSSA adjusts the base weights; load into a model without an "
+                          "adapter"));
 }
 
 }  // namespace
@@ -134,8 +139,13 @@ void CausalLMImpl::attach(const ResolvedAdapter& r) {
                                .alpha(r.alpha)
                                .dropout(r.dropout)
                                .compute(compute)
-                               .layer_index(l);
+                               .layer_index(l)
+                               .init(r.init);
       p->attach(nn::MoLAAdapter(options, p->weight.options()));
+      // PiSSA moves the top-r singular part of the weight into the experts
+      // (nn::detail::pissa_init); load_adapter attaches through here, so a saved
+      // PiSSA adapter finds the same adjusted weight in a fresh base model.
+      if (r.init == "pissa") nn::detail::pissa_init(p->weight, p->mola->lora_a, p->mola->lora_b, r.scaling[i]);
       p->mola->train(is_training());
     }
   }

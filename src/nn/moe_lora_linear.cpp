@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -19,16 +20,40 @@ void check_options(const MoLALinearOptions& o, const char* who) {
                     ") must be between 1 and num_experts (", o.num_experts(), ")");
   TORCH_CHECK_VALUE(o.rank() >= 1, who, ": rank (", o.rank(), ") must be at least 1");
   TORCH_CHECK_VALUE(o.dropout() >= 0.0 && o.dropout() < 1.0, who, ": dropout (", o.dropout(), ") must be in [0, 1)");
+  TORCH_CHECK_VALUE(o.init() == "kaiming" || o.init() == "gaussian" || o.init() == "pissa", who, ": init \"",
+                    o.init(), "\" is not one of kaiming, gaussian, pissa");
 }
 
-void reset_adapter_parameters(at::Tensor& router, at::Tensor& lora_a, at::Tensor& lora_b) {
+void reset_adapter_parameters(at::Tensor& router, at::Tensor& lora_a, at::Tensor& lora_b, const std::string& init) {
   at::NoGradGuard no_grad;
   // kaiming_uniform_(a=sqrt(5)) on a [rows, in] matrix: gain sqrt(2/(1+5)),
   // bound = gain * sqrt(3 / fan_in) = 1/sqrt(in). Per expert, so fan_in is `in`.
   const double bound = 1.0 / std::sqrt(static_cast<double>(router.size(1)));
   router.uniform_(-bound, bound);
-  lora_a.uniform_(-bound, bound);
+  if (init == "gaussian") {
+    // PEFT's init_lora_weights="gaussian": nn.init.normal_(lora_A, std=1/r).
+    lora_a.normal_(0.0, 1.0 / static_cast<double>(lora_a.size(1)));
+  } else {
+    lora_a.uniform_(-bound, bound);
+  }
   lora_b.zero_();
+}
+
+void pissa_init(at::Tensor& weight, at::Tensor& lora_a, at::Tensor& lora_b, double scaling) {
+  const int64_t experts = lora_a.size(0), r = lora_a.size(1), out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK_VALUE(r <= std::min(out, in), "init pissa: rank ", r, " exceeds min(out, in) = ", std::min(out, in),
+                    " of the base weight [", out, ", ", in, "]; lower the rank or use init \"kaiming\"");
+  at::NoGradGuard no_grad;
+  const at::ScalarType compute = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor w = weight.to(compute);
+  auto [u, s, vh] = at::linalg_svd(w, /*full_matrices=*/false);  // [out, m], [m], [m, in]
+  const at::Tensor u_r = u.slice(1, 0, r), s_r = s.slice(0, 0, r), vh_r = vh.slice(0, 0, r);
+  const at::Tensor root = (s_r / scaling).sqrt();                       // [r]
+  const at::Tensor a = root.unsqueeze(1) * vh_r;                        // [r, in]
+  const at::Tensor b = u_r * root.unsqueeze(0);                         // [out, r]
+  lora_a.copy_(a.unsqueeze(0).expand({experts, r, in}));                // [E, r, in]
+  lora_b.copy_(b.unsqueeze(0).expand({experts, out, r}));               // [E, out, r]
+  weight.copy_(w - (u_r * s_r.unsqueeze(0)).matmul(vh_r));              // W - U_r S_r V_r^T
 }
 
 std::tuple<at::Tensor, at::Tensor> adapter_forward(const MoLALinearOptions& o, bool training, const at::Tensor& x,
@@ -75,6 +100,7 @@ void MoLALinearImpl::build() {
   lora_b = register_parameter("lora_b",
                               at::empty({o.num_experts(), o.out_features(), o.rank()}, opts));
   reset_parameters();
+  if (o.init() == "pissa") detail::pissa_init(base->weight, lora_a, lora_b, scaling());
 }
 
 at::Tensor MoLALinearImpl::forward(const at::Tensor& x) {

@@ -39,7 +39,9 @@ constexpr const char* kUsage =
     "  mola convert llama2c IN.bin OUT_DIR [--tokenizer TOKENIZER.model]\n"
     "                                                   a llama2.c checkpoint to a Hugging Face directory\n"
     "  mola convert mola-authors IN OUT [--top-k K]     (python -m mola only) the MoLA authors' adapter\n"
-    "  mola report OUT_DIR                              (python -m mola only) plots and a page for a run\n";
+    "  mola report OUT_DIR                              (python -m mola only) plots and a page for a run\n"
+    "  mola analyze ADAPTER [--data FILE] [--model DIR] [--out DIR] [--max-examples N]\n"
+    "                                                   (python -m mola only) expert redundancy and routing\n";
 
 // A user error: printed as one line, exit status 2.
 class UsageError : public std::invalid_argument {
@@ -252,8 +254,11 @@ int run_command(const std::vector<std::string>& args, const c10::intrusive_ptr<c
     if (cmd == "eval") return cmd_eval(args);
     if (cmd == "generate") return cmd_generate(args);
     if (cmd == "convert") return cmd_convert(args);
-    const std::vector<std::string> commands{"train", "eval", "generate", "convert", "report"};
+    const std::vector<std::string> commands{"train", "eval", "generate", "convert", "report", "analyze"};
     if (cmd == "report") throw UsageError("mola report is part of the Python package: python -m mola report OUT_DIR");
+    if (cmd == "analyze")
+      throw UsageError("mola analyze is part of the Python package (its plots are matplotlib's): python -m mola "
+                       "analyze ADAPTER [--data FILE] [--model DIR] [--out DIR] [--max-examples N]");
     throw UsageError("unknown command '" + cmd + "'; did you mean '" + detail::nearest_name(cmd, commands) +
                      "'? (commands: train, eval, generate, convert; mola --help)");
   } catch (const NonFiniteLossError& e) {

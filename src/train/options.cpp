@@ -53,8 +53,13 @@ const std::vector<std::string>& TrainOptions::keys() {
       "epochs",       "max_steps",     "batch_size",      "micro_batch_size", "lr",         "warmup_steps",
       "schedule",     "weight_decay",  "max_grad_norm",   "adam_beta1",       "adam_beta2", "adam_epsilon",
       "seed",         "group_by_length", "log_every",     "eval_every",       "save_every", "save_total_limit",
-      "resume",       "init_adapter"};
+      "resume",       "init_adapter",  "trainable"};
   return k;
+}
+
+const std::vector<std::string>& TrainOptions::trainables() {
+  static const std::vector<std::string> t{"all", "experts", "routers"};
+  return t;
 }
 
 const std::vector<std::string>& TrainOptions::schedules() {
@@ -89,6 +94,7 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
       else if (v.is_string()) o.resume = v.get<std::string>();
       else fail("resume must be false, true or the path of a checkpoint directory; got ", v.dump());
     } else if (key == "init_adapter") o.init_adapter = get_string(v, key);
+    else if (key == "trainable") o.trainable = get_string(v, key);
     else
       fail("unknown key \"", key, "\"; did you mean \"", detail::nearest_name(key, keys()), "\"? (valid keys: ",
            join(keys()), ")");
@@ -120,6 +126,7 @@ nlohmann::json TrainOptions::to_json() const {
   if (std::holds_alternative<bool>(resume)) j["resume"] = std::get<bool>(resume);
   else j["resume"] = std::get<std::string>(resume);
   j["init_adapter"] = init_adapter;
+  j["trainable"] = trainable;
   return j;
 }
 
@@ -153,6 +160,10 @@ void TrainOptions::validate() const {
   if (save_every < 0) fail("save_every is ", save_every, "; it must be >= 0 (0: save only at the end)");
   if (save_total_limit < 0)
     fail("save_total_limit is ", save_total_limit, "; it must be >= 0 (0: keep every checkpoint)");
+  if (std::find(trainables().begin(), trainables().end(), trainable) == trainables().end())
+    fail("trainable \"", trainable, "\" is unknown; use one of ", join(trainables()),
+         " (all: routers and experts; experts: routers frozen; routers: experts frozen; did you mean \"",
+         detail::nearest_name(trainable, trainables()), "\"?)");
   if (std::holds_alternative<std::string>(resume) && std::get<std::string>(resume).empty())
     fail("resume is an empty path; give false, true (the newest checkpoint in the output directory) or a path");
 }

@@ -106,6 +106,7 @@ void check_resumable(const TrainOptions& now, const TrainOptions& saved, const d
   if (now.batch_size != saved.batch_size)
     mismatch("batch_size", std::to_string(now.batch_size), std::to_string(saved.batch_size));
   if (now.seed != saved.seed) mismatch("seed", std::to_string(now.seed), std::to_string(saved.seed));
+  if (now.trainable != saved.trainable) mismatch("trainable", now.trainable, saved.trainable);
   if (now.group_by_length != saved.group_by_length)
     mismatch("group_by_length", now.group_by_length ? "true" : "false", saved.group_by_length ? "true" : "false");
   if (num_examples != state.num_examples)
@@ -203,6 +204,14 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
                                 detail::checkpoints_dir(output_dir_) +
                                 " to resume from; attach one first or set init_adapter");
 
+  // What trains (options.trainable, design.md 8.1): only these adapter
+  // tensors get requires_grad, so only they reach the optimizer.
+  const bool routers = options_.trainable != "experts", experts = options_.trainable != "routers";
+  for (const auto& a : model_->adapted_projections()) {
+    a.module->mola->router.requires_grad_(routers);
+    a.module->mola->lora_a.requires_grad_(experts);
+    a.module->mola->lora_b.requires_grad_(experts);
+  }
   detail::Trainable trainable;
   for (const auto& p : model_->named_parameters(/*recurse=*/true)) {
     if (!p.value().requires_grad()) continue;

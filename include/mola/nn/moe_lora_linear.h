@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace mola::nn {
 
@@ -35,6 +36,11 @@ struct MoLALinearOptions {
   TORCH_ARG(ops::Compute, compute) = ops::Compute::kAuto;
   // The transformer layer this module belongs to; the balance loss groups by it.
   TORCH_ARG(int64_t, layer_index) = -1;
+  // How A and B start: "kaiming", "gaussian" or "pissa" (mola::AdapterConfig::init).
+  // "pissa" needs the base weight: MoLALinear applies it to its base at
+  // construction, CausalLM::attach to each projection; a bare MoLAAdapter
+  // starts as "kaiming" until its owner calls detail::pissa_init.
+  TORCH_ARG(std::string, init) = "kaiming";
 };
 
 namespace detail {
@@ -43,7 +49,20 @@ void check_options(const MoLALinearOptions& options, const char* who);
 // LoRA's initialisation (methods.md 1.1, the authors' code): router and A
 // Kaiming-uniform with a = sqrt(5) per expert matrix, i.e. U(-1/sqrt(in),
 // 1/sqrt(in)); B zero, so a fresh adapter computes exactly the base layer.
-void reset_adapter_parameters(at::Tensor& router, at::Tensor& lora_a, at::Tensor& lora_b);
+// init "gaussian" draws A from N(0, std 1/r) instead (PEFT's
+// init_lora_weights="gaussian"); "pissa" leaves A and B as for "kaiming"
+// (pissa_init sets them, with the weight).
+void reset_adapter_parameters(at::Tensor& router, at::Tensor& lora_a, at::Tensor& lora_b,
+                              const std::string& init = "kaiming");
+// PiSSA (Meng et al. 2024, "Principal Singular values and Singular vectors
+// Adaptation"): with the top-r SVD weight = U S V^T (computed in fp32, fp64 for
+// an fp64 weight), every expert gets A = sqrt(S_r / s) V_r^T [r, in] and
+// B = U_r sqrt(S_r / s) [out, r], and weight becomes weight - U_r S_r V_r^T
+// (= weight - s B A), in place. The product U_r S_r V_r^T does not depend on
+// the signs the SVD picks, so the adjusted weight is the same wherever it is
+// recomputed (a saved PiSSA adapter loaded into a fresh base model). Throws
+// c10::ValueError when r exceeds min(out, in).
+void pissa_init(at::Tensor& weight, at::Tensor& lora_a, at::Tensor& lora_b, double scaling);
 // ops::moe_lora with the options' k, scaling, dropout and compute; draws the
 // dropout seed when training with dropout. Returns y and the router logits.
 std::tuple<at::Tensor, at::Tensor> adapter_forward(const MoLALinearOptions& options, bool training,
@@ -58,8 +77,10 @@ class MoLALinearImpl : public torch::nn::Module {
   // Wraps an existing (pretrained) linear layer; its sizes and bias come from it.
   MoLALinearImpl(torch::nn::Linear base, MoLALinearOptions options);
 
-  // detail::reset_adapter_parameters: B zero, so a fresh module is the base layer.
-  void reset_parameters() { detail::reset_adapter_parameters(router, lora_a, lora_b); }
+  // detail::reset_adapter_parameters with options.init: router and A drawn
+  // again, B zero. PiSSA changes the base weight, so it is applied once, at
+  // construction, not here.
+  void reset_parameters() { detail::reset_adapter_parameters(router, lora_a, lora_b, options.init()); }
 
   // y = base(x) + the routed experts; keeps the router logits in router_logits.
   at::Tensor forward(const at::Tensor& x);
@@ -87,7 +108,7 @@ class MoLAAdapterImpl : public torch::nn::Module {
  public:
   MoLAAdapterImpl(const MoLALinearOptions& options, const at::TensorOptions& tensor_options);
 
-  void reset_parameters() { detail::reset_adapter_parameters(router, lora_a, lora_b); }
+  void reset_parameters() { detail::reset_adapter_parameters(router, lora_a, lora_b, options.init()); }
   // x W^T + b + the routed experts; keeps the router logits in router_logits.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 

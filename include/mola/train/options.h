@@ -45,6 +45,14 @@ struct TrainOptions {
   // from that checkpoint directory.
   std::variant<bool, std::string> resume = false;
   std::string init_adapter;  // "" or an adapter directory to start from (design.md 8.1)
+  // What trains (design.md 8.1), one of trainables(): "all" (routers and
+  // experts, the papers'), "experts" (A and B; routers frozen, the authors'
+  // unused mark_only_lora_B_as_trainable) or "routers" (experts frozen). The
+  // Trainer sets requires_grad on the adapter accordingly; the base is always
+  // frozen. A fresh Kaiming or Gaussian adapter has B = 0, so its routers get
+  // no gradient from the language-model loss: "routers" is for an adapter
+  // whose experts already learned (init_adapter), or through aux_loss_coef.
+  std::string trainable = "all";
 
   // Missing keys keep their defaults. Unknown keys and bad values throw
   // ConfigError naming the key, the value and the fix. The result is validated.
@@ -56,6 +64,7 @@ struct TrainOptions {
 
   static const std::vector<std::string>& keys();       // the JSON keys, in field order
   static const std::vector<std::string>& schedules();  // linear, cosine, constant
+  static const std::vector<std::string>& trainables();  // all, experts, routers
 };
 
 bool operator==(const TrainOptions& a, const TrainOptions& b);

@@ -8,7 +8,8 @@
 //                                    trainer_state.json
 //
 // The loop follows transformers' Trainer with the authors' settings: AdamW on
-// the adapter parameters only, a warmup + decay schedule per optimizer step,
+// the adapter parameters only (routers and experts, or one of the two by
+// TrainOptions::trainable: fit() sets requires_grad on them), a warmup + decay schedule per optimizer step,
 // gradient accumulation over micro-batches (each micro-batch's loss divided by
 // the number of micro-batches in its batch), gradient clipping, fp32 on the
 // CPU and bf16 autocast on CUDA. Where it differs, on purpose: a non-finite
