@@ -130,14 +130,22 @@ void check_one_of(const std::string& key, const std::string& value, const std::v
 
 // Method "lora" is one expert routed with k = 1 in every layer: any other count
 // in `field` is a contradiction the user has to resolve, not a value to override.
-void check_single_expert(const std::string& field, const PerLayerSpec& spec) {
+void check_single_expert(const std::string& field, const PerLayerSpec& spec, bool molex = false) {
   bool ok = false;
   if (const auto* v = std::get_if<int64_t>(&spec.value)) ok = *v == 1;
   if (const auto* list = std::get_if<std::vector<int64_t>>(&spec.value))
     ok = std::all_of(list->begin(), list->end(), [](int64_t n) { return n == 1; });
+  if (!ok && molex)
+    fail(field, " ", spec.to_json().dump(), " is not allowed with method \"molex\" over base_method \"lora\": a plain",
+         " LoRA has one expert (", field, " 1); drop ", field, " or set base_method \"mola\"");
   if (!ok)
     fail(field, " ", spec.to_json().dump(), " is not allowed with method \"lora\": a plain LoRA has one expert",
          " and routes every token to it (", field, " 1); drop ", field, " or use method \"mola\"");
+}
+
+bool get_bool(const json& j, const std::string& key) {
+  if (!j.at(key).is_boolean()) fail(key, " must be true or false; got ", show(j.at(key)));
+  return j.at(key).get<bool>();
 }
 
 void check_keys(const json& j, const std::vector<std::string>& valid, const std::string& what) {
@@ -301,16 +309,39 @@ std::vector<std::string> AdapterConfig::default_targets() {
 }
 
 const std::vector<std::string>& AdapterConfig::keys() {
+  // The keys of every config; MoLEx configs add molex_keys().
   static const std::vector<std::string> k = {"method",  "experts", "top_k",         "rank",   "alpha",
                                              "dropout", "targets", "aux_loss_coef", "compute",
                                              "init"};
   return k;
 }
 
+const std::vector<std::string>& AdapterConfig::molex_keys() {
+  static const std::vector<std::string> k = {"base_method",     "molex_pool",         "molex_alpha",
+                                             "molex_alpha_learned", "molex_gate_grad", "molex_exclude_self",
+                                             "molex_aux_loss_coef"};
+  return k;
+}
+
+const std::vector<std::string>& AdapterConfig::molex_base_methods() {
+  static const std::vector<std::string> m = {"lora", "mola"};
+  return m;
+}
+
+const std::vector<std::string>& AdapterConfig::molex_pools() {
+  static const std::vector<std::string> m = {"mean", "last", "token"};
+  return m;
+}
+
+const std::vector<std::string>& AdapterConfig::molex_gate_grads() {
+  static const std::vector<std::string> m = {"straight_through", "prob", "none"};
+  return m;
+}
+
 const std::vector<std::string>& AdapterConfig::methods() {
-  // "lora" is the same layer with one expert and k = 1 (design.md 6.3); "molex"
-  // joins when its module lands.
-  static const std::vector<std::string> m = {"mola", "lora"};
+  // "lora" is the same layer with one expert and k = 1 (design.md 6.3);
+  // "molex" mixes each layer with a gated second layer over either (design.md 3).
+  static const std::vector<std::string> m = {"mola", "lora", "molex"};
   return m;
 }
 
@@ -324,17 +355,27 @@ const std::vector<std::string>& AdapterConfig::inits() {
   return m;
 }
 
-AdapterConfig AdapterConfig::for_method(const std::string& method) {
+AdapterConfig AdapterConfig::for_method(const std::string& method, const std::string& base_method) {
   AdapterConfig c;
   c.method = method;
-  if (method == "lora") c.experts = 1, c.top_k = 1;
+  if (method == "molex") c.base_method = base_method;
+  if (method == "lora" || (method == "molex" && base_method == "lora")) c.experts = 1, c.top_k = 1;
   return c;
 }
 
 AdapterConfig AdapterConfig::from_json(const nlohmann::json& j) {
-  check_keys(j, keys(), "adapter config");
-  // The method picks the defaults of the other keys, so it is read first.
-  AdapterConfig c = for_method(j.contains("method") ? get_string(j, "method", "mola") : "mola");
+  std::vector<std::string> valid = keys();
+  valid.insert(valid.end(), molex_keys().begin(), molex_keys().end());
+  check_keys(j, valid, "adapter config");
+  // The method (and MoLEx's base_method) pick the defaults of the other keys,
+  // so they are read first.
+  const std::string method = j.contains("method") ? get_string(j, "method", "mola") : "mola";
+  if (method != "molex")
+    for (const auto& key : molex_keys())
+      if (j.contains(key))
+        fail(key, " is a MoLEx setting, but method is ", quote(method), "; drop ", key,
+             " or set method \"molex\" (with base_method ", quote(method == "mola" ? "mola" : "lora"), ")");
+  AdapterConfig c = for_method(method, j.contains("base_method") ? get_string(j, "base_method", "lora") : "lora");
   if (j.contains("experts")) c.experts = PerLayerSpec::from_json(j.at("experts"), "experts");
   if (j.contains("top_k")) c.top_k = PerLayerSpec::from_json(j.at("top_k"), "top_k");
   if (j.contains("rank")) c.rank = PerLayerSpec::from_json(j.at("rank"), "rank");
@@ -344,6 +385,12 @@ AdapterConfig AdapterConfig::from_json(const nlohmann::json& j) {
   if (j.contains("aux_loss_coef")) c.aux_loss_coef = get_number(j, "aux_loss_coef");
   if (j.contains("compute")) c.compute = get_string(j, "compute", "auto");
   if (j.contains("init")) c.init = get_string(j, "init", "kaiming");
+  if (j.contains("molex_pool")) c.molex_pool = get_string(j, "molex_pool", "mean");
+  if (j.contains("molex_alpha")) c.molex_alpha = get_number(j, "molex_alpha");
+  if (j.contains("molex_alpha_learned")) c.molex_alpha_learned = get_bool(j, "molex_alpha_learned");
+  if (j.contains("molex_gate_grad")) c.molex_gate_grad = get_string(j, "molex_gate_grad", "straight_through");
+  if (j.contains("molex_exclude_self")) c.molex_exclude_self = get_bool(j, "molex_exclude_self");
+  if (j.contains("molex_aux_loss_coef")) c.molex_aux_loss_coef = get_number(j, "molex_aux_loss_coef");
   c.validate();
   return c;
 }
@@ -388,10 +435,21 @@ AdapterConfig AdapterConfig::from_json_file(const std::string& path) {
 }
 
 nlohmann::json AdapterConfig::to_json() const {
-  return json{{"method", method},   {"experts", experts.to_json()},   {"top_k", top_k.to_json()},
-              {"rank", rank.to_json()}, {"alpha", alpha},             {"dropout", dropout},
-              {"targets", targets}, {"aux_loss_coef", aux_loss_coef}, {"compute", compute},
-              {"init", init}};
+  json j{{"method", method},   {"experts", experts.to_json()},   {"top_k", top_k.to_json()},
+         {"rank", rank.to_json()}, {"alpha", alpha},             {"dropout", dropout},
+         {"targets", targets}, {"aux_loss_coef", aux_loss_coef}, {"compute", compute},
+         {"init", init}};
+  // Only MoLEx configs carry the MoLEx keys: lora and mola JSON stays as it was.
+  if (method == "molex") {
+    j["base_method"] = base_method;
+    j["molex_pool"] = molex_pool;
+    j["molex_alpha"] = molex_alpha;
+    j["molex_alpha_learned"] = molex_alpha_learned;
+    j["molex_gate_grad"] = molex_gate_grad;
+    j["molex_exclude_self"] = molex_exclude_self;
+    j["molex_aux_loss_coef"] = molex_aux_loss_coef;
+  }
+  return j;
 }
 
 void AdapterConfig::validate() const {
@@ -402,6 +460,7 @@ void AdapterConfig::validate() const {
     check_single_expert("experts", experts);
     check_single_expert("top_k", top_k);
   }
+  validate_molex();
   rank.validate("rank", false);
   // Per-layer comparisons wait for resolve(); two plain ints can be compared now.
   if (top_k.is_int() && experts.is_int() && std::get<int64_t>(top_k.value) > std::get<int64_t>(experts.value))
@@ -426,6 +485,47 @@ void AdapterConfig::validate() const {
   check_one_of("init", init, inits());
 }
 
+void AdapterConfig::validate_molex() const {
+  if (method != "molex") {
+    // The keys are refused by from_json; a C++ caller who set the fields gets the same answer here.
+    const AdapterConfig d;
+    const struct {
+      const char* key;
+      bool changed;
+    } fields[] = {{"base_method", base_method != d.base_method},
+                  {"molex_pool", molex_pool != d.molex_pool},
+                  {"molex_alpha", molex_alpha != d.molex_alpha},
+                  {"molex_alpha_learned", molex_alpha_learned != d.molex_alpha_learned},
+                  {"molex_gate_grad", molex_gate_grad != d.molex_gate_grad},
+                  {"molex_exclude_self", molex_exclude_self != d.molex_exclude_self},
+                  {"molex_aux_loss_coef", molex_aux_loss_coef != d.molex_aux_loss_coef}};
+    for (const auto& f : fields)
+      if (f.changed)
+        fail(f.key, " is a MoLEx setting, but method is ", quote(method), "; leave ", f.key,
+             " at its default or set method \"molex\"");
+    return;
+  }
+  check_one_of("base_method", base_method, molex_base_methods());
+  if (base_method == "lora") {
+    check_single_expert("experts", experts, /*molex=*/true);
+    check_single_expert("top_k", top_k, /*molex=*/true);
+  }
+  check_one_of("molex_pool", molex_pool, molex_pools());
+  check_one_of("molex_gate_grad", molex_gate_grad, molex_gate_grads());
+  if (molex_alpha_learned) {
+    // sigmoid(a) never reaches 0 or 1, so a learned alpha must start inside.
+    if (!(molex_alpha > 0 && molex_alpha < 1))
+      fail("molex_alpha ", molex_alpha, " must satisfy 0 < molex_alpha < 1 when molex_alpha_learned is true (it ",
+           "starts a sigmoid); give e.g. 0.5, or set molex_alpha_learned false for 0 or 1");
+  } else if (!(molex_alpha >= 0 && molex_alpha <= 1)) {
+    fail("molex_alpha ", molex_alpha, " must satisfy 0 <= molex_alpha <= 1; it weighs the layer's own block ",
+         "against the chosen one (default 0.5; 1 is the base method)");
+  }
+  if (!(std::isfinite(molex_aux_loss_coef) && molex_aux_loss_coef >= 0))
+    fail("molex_aux_loss_coef ", molex_aux_loss_coef,
+         " must be a finite number >= 0; 0 turns the gates' balance loss off (default 0)");
+}
+
 ResolvedAdapter AdapterConfig::resolve(int64_t num_layers) const {
   check_num_layers(num_layers);
   validate();
@@ -447,6 +547,18 @@ ResolvedAdapter AdapterConfig::resolve(int64_t num_layers) const {
   r.aux_loss_coef = aux_loss_coef;
   r.compute = compute;
   r.init = init;
+  if (method == "molex") {
+    if (molex_exclude_self && num_layers < 2)
+      fail("molex_exclude_self is true but the model has ", num_layers,
+           " layer, so no other layer is left to choose; set molex_exclude_self false");
+    r.base_method = base_method;
+    r.molex_pool = molex_pool;
+    r.molex_alpha = molex_alpha;
+    r.molex_alpha_learned = molex_alpha_learned;
+    r.molex_gate_grad = molex_gate_grad;
+    r.molex_exclude_self = molex_exclude_self;
+    r.molex_aux_loss_coef = molex_aux_loss_coef;
+  }
   return r;
 }
 
@@ -457,7 +569,10 @@ int64_t AdapterConfig::num_parameters(const std::vector<LinearShape>& shapes, in
 bool operator==(const AdapterConfig& a, const AdapterConfig& b) {
   return a.method == b.method && a.experts == b.experts && a.top_k == b.top_k && a.rank == b.rank &&
          a.alpha == b.alpha && a.dropout == b.dropout && a.targets == b.targets &&
-         a.aux_loss_coef == b.aux_loss_coef && a.compute == b.compute && a.init == b.init;
+         a.aux_loss_coef == b.aux_loss_coef && a.compute == b.compute && a.init == b.init &&
+         a.base_method == b.base_method && a.molex_pool == b.molex_pool && a.molex_alpha == b.molex_alpha &&
+         a.molex_alpha_learned == b.molex_alpha_learned && a.molex_gate_grad == b.molex_gate_grad &&
+         a.molex_exclude_self == b.molex_exclude_self && a.molex_aux_loss_coef == b.molex_aux_loss_coef;
 }
 
 // ------------------------------------------------------------- ResolvedAdapter
@@ -469,6 +584,15 @@ nlohmann::json ResolvedAdapter::to_json() const {
          {"aux_loss_coef", aux_loss_coef}, {"compute", compute}};
   if (!base_model_name.empty()) j["base_model_name"] = base_model_name;
   if (init != "kaiming") j["init"] = init;
+  if (is_molex()) {  // as AdapterConfig::to_json: MoLEx keys for MoLEx adapters only
+    j["base_method"] = base_method;
+    j["molex_pool"] = molex_pool;
+    j["molex_alpha"] = molex_alpha;
+    j["molex_alpha_learned"] = molex_alpha_learned;
+    j["molex_gate_grad"] = molex_gate_grad;
+    j["molex_exclude_self"] = molex_exclude_self;
+    j["molex_aux_loss_coef"] = molex_aux_loss_coef;
+  }
   return j;
 }
 
@@ -477,6 +601,7 @@ ResolvedAdapter ResolvedAdapter::from_json(const nlohmann::json& j) {
   valid.insert(valid.begin() + 1, "num_layers");
   valid.insert(valid.begin() + 5, "scaling");
   valid.push_back("base_model_name");
+  valid.insert(valid.end(), AdapterConfig::molex_keys().begin(), AdapterConfig::molex_keys().end());
   check_keys(j, valid, "resolved adapter config");
   int64_t num_layers = 0;
   if (!j.contains("num_layers") || !json_int(j.at("num_layers"), &num_layers))

@@ -88,6 +88,21 @@ def _mola_adapter(preset):
             "targets": TARGETS, "aux_loss_coef": 0.001}
 
 
+def _molex_adapter(base):
+    """MoLEx (design 3) over LoRA r=8 (alpha 16, MoLA's scaling) or over MoLA 2-4-6-8. The gate settings
+    are mola's defaults, ours where the paper is silent (methods.md 5): mean-pooled sequence gate,
+    alpha 0.5 fixed, straight-through gate gradient, any layer may be chosen, no gate balance loss."""
+    adapter = {"method": "molex", "base_method": base}
+    if base == "mola":
+        adapter.update({k: v for k, v in _mola_adapter("2468").items() if k != "method"})
+    else:
+        adapter.update({"rank": 8, "alpha": 16, "dropout": 0.05, "targets": TARGETS})
+    adapter.update({"molex_pool": "mean", "molex_alpha": 0.5, "molex_alpha_learned": False,
+                    "molex_gate_grad": "straight_through", "molex_exclude_self": False,
+                    "molex_aux_loss_coef": 0.0})
+    return adapter
+
+
 def _eval(family):
     if family == "tiny":
         # The untrained model's accuracy beside the trained one's, for the report.
@@ -106,9 +121,14 @@ def recipes():
     out = {}
     for family, spec in FAMILIES.items():
         for task, (train_split, eval_split) in TASKS.items():
-            for preset in PRESETS + ["lora64"]:
+            for preset in PRESETS + ["lora64", "molex-lora", "molex-mola"]:
                 rel = f"{family}/{task}-{preset}.json"
-                if preset == "lora64":
+                if preset.startswith("molex-"):
+                    base = preset.split("-")[1]
+                    adapter = _molex_adapter(base)
+                    what = (f"MoLEx over {'LoRA r=8' if base == 'lora' else 'MoLA 2-4-6-8'} on {task} "
+                            "(two decoder blocks per layer: about twice the compute of the base method)")
+                elif preset == "lora64":
                     adapter = {"method": "lora", "rank": 64, "alpha": 128, "dropout": 0.05, "targets": TARGETS}
                     what = f"LoRA r=64 baseline (alpha 128, the same scaling 2 as MoLA's 16/8) on {task}"
                 else:

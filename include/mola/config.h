@@ -90,6 +90,18 @@ struct ResolvedAdapter {
   std::string init = "kaiming";  // AdapterConfig::init; PiSSA also changes the base weights
   // Set by whoever saves the adapter (design.md 6.4); resolve() leaves it "".
   std::string base_model_name;
+  // MoLEx (method "molex"; see AdapterConfig): the per-layer experts, top_k
+  // and rank above are the base method's. to_json() writes these keys only
+  // for method "molex", so lora and mola adapter files keep their keys.
+  std::string base_method = "lora";
+  std::string molex_pool = "mean";
+  double molex_alpha = 0.5;
+  bool molex_alpha_learned = false;
+  std::string molex_gate_grad = "straight_through";
+  bool molex_exclude_self = false;
+  double molex_aux_loss_coef = 0.0;
+
+  bool is_molex() const { return method == "molex"; }
 
   // Keys: the field names above; experts, top_k, rank, scaling as lists;
   // base_model_name only when it is not empty, init only when it is not
@@ -132,9 +144,22 @@ struct AdapterConfig {
   // The router is Kaiming-uniform in all three.
   std::string init = "kaiming";
 
-  // The defaults for `method`: the struct's, with experts = top_k = 1 for "lora".
-  // Not validated (an unknown method fails in validate()).
-  static AdapterConfig for_method(const std::string& method);
+  // ---- MoLEx (design.md 3): method "molex" only; any other method rejects
+  // these keys. Layer t's output is alpha * u_t(z_t) + (1 - alpha) * u_j(z_t),
+  // j picked by a gate over the model's layers. Marked "ours" where the paper
+  // is silent (methods.md 5).
+  std::string base_method = "lora";  // the adapter inside each block: one of molex_base_methods()
+  std::string molex_pool = "mean";   // gate input (ours): mean over tokens, "last" token, or per-"token"
+  double molex_alpha = 0.5;          // weight of the layer's own block (ours: 0.5)
+  bool molex_alpha_learned = false;  // ours: a per-layer sigmoid(parameter), starting at molex_alpha
+  std::string molex_gate_grad = "straight_through";  // ours: straight_through, prob or none
+  bool molex_exclude_self = false;   // ours: j may equal t
+  double molex_aux_loss_coef = 0.0;  // balance loss over the gates' choices, >= 0 (0: off)
+
+  // The defaults for `method`: the struct's, with experts = top_k = 1 for "lora"
+  // (and for "molex" over base_method "lora"). Not validated (an unknown
+  // method fails in validate()).
+  static AdapterConfig for_method(const std::string& method, const std::string& base_method = "lora");
 
   // Missing keys keep their method's defaults (for_method); unknown keys and bad values throw
   // ConfigError. The result is validated.
@@ -147,6 +172,9 @@ struct AdapterConfig {
   // Everything that can be checked without the number of layers (top_k <=
   // experts only when both are plain ints; resolve() checks every layer).
   void validate() const;
+  // The MoLEx part of validate(): for method "molex" the values, for any
+  // other method that the MoLEx fields keep their defaults.
+  void validate_molex() const;
   // Expands every per-layer setting for a model with num_layers layers and
   // checks top_k <= experts in each layer.
   ResolvedAdapter resolve(int64_t num_layers) const;
@@ -161,6 +189,10 @@ struct AdapterConfig {
   static const std::vector<std::string>& methods();        // supported adapter methods
   static const std::vector<std::string>& compute_modes();  // auto, dense, grouped
   static const std::vector<std::string>& inits();          // kaiming, gaussian, pissa
+  static const std::vector<std::string>& molex_keys();          // base_method and the molex_* keys
+  static const std::vector<std::string>& molex_base_methods();  // lora, mola
+  static const std::vector<std::string>& molex_pools();         // mean, last, token
+  static const std::vector<std::string>& molex_gate_grads();    // straight_through, prob, none
 };
 
 bool operator==(const AdapterConfig& a, const AdapterConfig& b);

@@ -9,8 +9,9 @@ from . import _C  # noqa: F401  (registers the ops)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from . import ops
 from ._models import CausalLM
-from .config import MoLAConfig, expand_preset, preset_names
+from .config import MoLAConfig, MoLExConfig, expand_preset, preset_names
 from .nn import MoLALinear, aux_loss
+from .molex import MoLExGate, molex_balance_loss
 from .inject import inject
 from .adapter import load_adapter, save_adapter
 from .authors import import_authors_adapter
@@ -24,7 +25,7 @@ from . import analysis
 __version__ = "0.1.0"
 built_with_cuda = _C.built_with_cuda
 
-__all__ = ["CausalLM", "MoLAConfig", "MoLALinear", "aux_loss", "ops", "expand_preset", "preset_names",
+__all__ = ["CausalLM", "MoLAConfig", "MoLExConfig", "MoLExGate", "molex_balance_loss", "MoLALinear", "aux_loss", "ops", "expand_preset", "preset_names",
            "built_with_cuda", "__version__",
            "inject", "save_adapter", "load_adapter", "train", "evaluate_recipe", "load_recipe", "data",
            "EvalOptions", "evaluate", "majority_baseline", "parse_answer",

@@ -6,7 +6,9 @@ Two files, the same ones the C++ model reads and writes:
   compute, num_layers) plus ``base_model_name``;
 - ``adapter_model.safetensors``: per adapted module at Hugging Face path P
   (from ``model.layers.`` on), ``P.mola.router`` [E, in], ``P.mola.lora_a``
-  [E, r, in] and ``P.mola.lora_b`` [E, out, r].
+  [E, r, in] and ``P.mola.lora_b`` [E, out, r]; for MoLEx also, per layer t,
+  ``model.layers.{t}.molex.gate.weight`` [L, hidden], ``.molex.gate.bias`` [L]
+  and, when learned, ``.molex.alpha`` [1].
 Safetensors only, never pickle. Each file is written under a temporary name and
 renamed, so an interrupted save never leaves a half-written file.
 Both functions also take a ``mola.CausalLM`` (the C++ model) and hand it to its
@@ -24,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .config import MoLAConfig
+from .config import MOLEX_FIELDS, MoLAConfig
 from .inject import _inject_resolved, adapter_key, mola_modules, num_decoder_layers
 from .nn import MoLALinear
 
@@ -89,6 +91,7 @@ def save_adapter(model: Union[nn.Module, Any], directory: PathLike,
                     raise ValueError(f"save_adapter: state_dict[{full!r}] has shape {list(tensor.shape)} "
                                      f"but the module's is {list(getattr(m, name).shape)}")
             tensors[f"{key}.mola.{name}"] = tensor.detach().to("cpu").contiguous()
+    tensors.update({key: p.detach().to("cpu").contiguous() for key, p in _gate_params(model, resolved).items()})
     config = dict(resolved)
     name = _base_model_name(model)
     if name:
@@ -146,6 +149,13 @@ def load_adapter(model: Union[nn.Module, Any], directory: PathLike) -> Union[nn.
         _inject_resolved(model, resolved)
     elif getattr(model, "mola_config", None) is None:
         model.mola_config = dict(resolved)
+    else:
+        have = model.mola_config
+        for key in ("method",) + MOLEX_FIELDS:
+            if have.get(key) != resolved.get(key):
+                raise ValueError(f"load_adapter: the adapter in {directory!r} has {key}={resolved.get(key)!r} "
+                                 f"but the model was injected with {key}={have.get(key)!r}; load it into a "
+                                 "fresh model (mola.inject(model, path=...))")
     modules = _keyed_modules(model, resolved, "load_adapter")
 
     try:
@@ -154,6 +164,7 @@ def load_adapter(model: Union[nn.Module, Any], directory: PathLike) -> Union[nn.
         raise ValueError(f"load_adapter: {weights!r} is not a readable safetensors file ({e}); "
                          "write it again with mola.save_adapter") from None
     expected = {f"{key}.mola.{name}": getattr(m, name) for key, m in modules.items() for name in PARAMS}
+    expected.update(_gate_params(model, resolved))
     missing = [k for k in expected if k not in state]
     if missing:
         raise ValueError(f"load_adapter: {weights!r} has no tensor {missing[0]!r} "
@@ -195,7 +206,7 @@ def read_adapter_config(directory: PathLike) -> Dict[str, Any]:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: must hold a JSON object (the resolved MoLA config); got {d!r}")
     # What save_adapter writes: resolve()'s keys (C++ decides them) and the base model name.
-    valid = sorted(set(_CONFIG_FIELDS + _DERIVED) | set(MoLAConfig().resolve(1)))
+    valid = sorted(set(_CONFIG_FIELDS + _DERIVED) | set(MOLEX_FIELDS) | set(MoLAConfig().resolve(1)))
     for key in d:
         if key not in valid:
             nearest = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.0)
@@ -205,7 +216,8 @@ def read_adapter_config(directory: PathLike) -> Dict[str, Any]:
         raise ValueError(f"{path}: num_layers must be an int >= 1 (the model's decoder layers); "
                          f"got {num_layers!r}")
     try:
-        resolved = MoLAConfig.from_dict({k: d[k] for k in _CONFIG_FIELDS if k in d}).resolve(num_layers)
+        fields = _CONFIG_FIELDS + list(MOLEX_FIELDS)
+        resolved = MoLAConfig.from_dict({k: d[k] for k in fields if k in d}).resolve(num_layers)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     saved = d.get("scaling")
@@ -247,6 +259,24 @@ def _keyed_modules(model: nn.Module, resolved: Dict[str, Any], who: str) -> Dict
                              f"model's module has init={m.init!r}, and only PiSSA adjusts the base weights; "
                              "load into a fresh model (mola.load_adapter injects it with the adapter's config)")
         out[key] = m
+    return out
+
+
+def _gate_params(model: nn.Module, resolved: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The MoLEx gate parameters by adapter key (``model.layers.{t}.molex.gate.weight`` ...); {} otherwise."""
+    if resolved.get("method") != "molex":
+        return {}
+    from .molex import molex_gates
+    gates = {g.layer_index: g for _, g in molex_gates(model)}
+    if sorted(gates) != list(range(resolved["num_layers"])):
+        raise ValueError(f"the model has MoLEx gates at layers {sorted(gates)} but the adapter config calls "
+                         f"for one in each of {resolved['num_layers']} layers; inject the MoLEx config first")
+    out = {}
+    for t, g in sorted(gates.items()):
+        out[f"model.layers.{t}.molex.gate.weight"] = g.gate.weight
+        out[f"model.layers.{t}.molex.gate.bias"] = g.gate.bias
+        if g.alpha is not None:
+            out[f"model.layers.{t}.molex.alpha"] = g.alpha
     return out
 
 

@@ -40,9 +40,20 @@ _EXPECTED = {
     "aux_loss_coef": "a finite number >= 0 (default 0.001)",
     "compute": "one of 'auto', 'dense', 'grouped'",
     "init": "one of 'kaiming', 'gaussian', 'pissa'",
+    "base_method": "'lora' or 'mola'",
+    "molex_pool": "one of 'mean', 'last', 'token'",
+    "molex_alpha": "a number in [0, 1] (default 0.5)",
+    "molex_alpha_learned": "True or False",
+    "molex_gate_grad": "one of 'straight_through', 'prob', 'none'",
+    "molex_exclude_self": "True or False",
+    "molex_aux_loss_coef": "a finite number >= 0 (default 0)",
 }
 
-__all__ = ["MoLAConfig", "PerLayer", "preset_names", "expand_preset"]
+#: MoLExConfig's own fields (JSON keys of MoLEx configs only; C++ rejects them for other methods).
+MOLEX_FIELDS = ("base_method", "molex_pool", "molex_alpha", "molex_alpha_learned", "molex_gate_grad",
+                "molex_exclude_self", "molex_aux_loss_coef")
+
+__all__ = ["MoLAConfig", "MoLExConfig", "PerLayer", "preset_names", "expand_preset"]
 
 
 def preset_names() -> List[str]:
@@ -75,6 +86,10 @@ class MoLAConfig:
     (PiSSA: every expert gets the principal part of the base weight, A =
     sqrt(S_r/s) V_r^T and B = U_r sqrt(S_r/s), and the base weight becomes
     W - U_r S_r V_r^T, so the model's output is unchanged at the start).
+
+    ``method="molex"`` is MoLEx (design 3) with its defaults; ``MoLExConfig``
+    has its settings as fields (``from_dict`` and ``from_json`` return one for
+    method "molex").
     """
 
     method: str = _DEFAULTS["method"]
@@ -113,6 +128,13 @@ class MoLAConfig:
         """Build from a mapping with any subset of the field names as keys."""
         if not isinstance(d, Mapping):
             raise ValueError(f"MoLAConfig.from_dict needs a mapping such as {{'experts': 8}}; got {d!r}")
+        if d.get("method") == "molex" and not issubclass(cls, MoLExConfig):
+            return MoLExConfig.from_dict(d)
+        if not issubclass(cls, MoLExConfig):
+            for key in d:
+                if key in MOLEX_FIELDS:
+                    raise ValueError(f"{key} is a MoLEx setting, but method is {d.get('method', 'mola')!r}; "
+                                     f"drop {key} or set method 'molex' (mola.MoLExConfig)")
         names = [f.name for f in dataclasses.fields(cls)]
         for key in d:
             if key not in names:
@@ -184,6 +206,48 @@ class MoLAConfig:
     def _normalized(self) -> Dict[str, Any]:
         d = json.loads(_C.config_normalize(self._json()))
         return {f.name: d[f.name] for f in dataclasses.fields(self)}  # field order, not C++'s sorted keys
+
+
+@dataclasses.dataclass
+class MoLExConfig(MoLAConfig):
+    """Settings of a MoLEx adapter (design 3): ``MoLAConfig`` with ``method="molex"``.
+
+    At each decoder layer t a gate over the model's L layers picks one layer j
+    and the layer's output becomes alpha * u_t(z_t) + (1 - alpha) * u_j(z_t),
+    u the whole decoder block with its own adapters. ``base_method`` ("lora",
+    the default, or "mola") is the adapter inside every block; experts,
+    top_k, rank, alpha, dropout, targets and aux_loss_coef are its settings.
+    The gate (choices marked ours are not in the paper's available text):
+
+    - ``molex_pool``: the gate input, "mean" over non-padding tokens (ours,
+      default), the "last" non-padding token, or "token" (each token routed
+      on its own; no KV cache in generation);
+    - ``molex_alpha`` (0.5, ours) and ``molex_alpha_learned`` (False; True
+      makes it sigmoid of a per-layer parameter starting at molex_alpha);
+    - ``molex_gate_grad``: "straight_through" (ours, default; u_j times
+      p_j / p_j.detach(), forward value unchanged), "prob" (times p_j,
+      which changes the forward value) or "none";
+    - ``molex_exclude_self``: never pick j = t (False);
+    - ``molex_aux_loss_coef``: weight of a balance loss over the gates'
+      choices (0, off).
+
+    Example: ``mola.inject(model, mola.MoLExConfig(base_method="mola", experts="2468"))``.
+    """
+
+    method: str = "molex"
+    base_method: str = "lora"
+    molex_pool: str = "mean"
+    molex_alpha: float = 0.5
+    molex_alpha_learned: bool = False
+    molex_gate_grad: str = "straight_through"
+    molex_exclude_self: bool = False
+    molex_aux_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method != "molex":
+            raise ValueError(f"MoLExConfig: method is always 'molex'; got {self.method!r} "
+                             "(use mola.MoLAConfig for lora and mola adapters)")
+        super().__post_init__()
 
 
 def _loads(text: str, what: str) -> Any:

@@ -24,8 +24,9 @@ from .nn import MoLALinear
 
 __all__ = ["inject", "adapter_key", "mola_modules"]
 
-#: Methods whose adapters are MoLALinear layers ("lora" is MoLA with E = k = 1).
-METHODS = ("mola", "lora")
+#: Methods inject builds: MoLALinear layers ("lora" is MoLA with E = k = 1), and
+#: "molex", whose blocks hold those of its base method plus a gate per layer.
+METHODS = ("mola", "lora", "molex")
 
 # A decoder-layer linear: group 1 is the key suffix from "layers." on,
 # group 2 the layer index, group 3 the module's own name (q_proj, ...).
@@ -127,6 +128,9 @@ def _inject_resolved(model: nn.Module, resolved: Dict[str, Any]) -> None:
                             init=resolved.get("init", "kaiming"))
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, module)
+    if method == "molex":
+        from .molex import install
+        install(model, resolved)
     model.mola_config = dict(resolved)
 
 
@@ -151,6 +155,9 @@ def _layer_linear_names(model: nn.Module) -> set:
 
 def _check_not_injected(model: nn.Module) -> None:
     modules = mola_modules(model)
+    if not modules:
+        from .molex import molex_gates
+        modules = molex_gates(model)
     if modules:
         raise ValueError(f"inject: the model already has {len(modules)} MoLALinear modules "
                          f"(e.g. {modules[0][0]!r}); inject a fresh model, or use "

@@ -156,7 +156,8 @@ def aux_loss(model: nn.Module, coef: Optional[float] = None,
     each group's router logits are stacked along rows, in module order, as the
     authors stack the seven modules of a decoder layer. ``coef`` None means 0.001.
     ``mask`` (bool, one entry per token, e.g. the attention mask) leaves padding
-    out of the loss; the authors' code includes it (the default, None).
+    out of the loss; the authors' code includes it (the default, None). For a MoLEx
+    model with ``molex_aux_loss_coef`` > 0 the gates' balance loss is added (``mola.molex_balance_loss``).
     """
     groups: "OrderedDict[object, list]" = OrderedDict()
     for name, module in model.named_modules():
@@ -175,5 +176,11 @@ def aux_loss(model: nn.Module, coef: Optional[float] = None,
                              f"{sorted(es)} or top_k {sorted(ks)}; a layer shares one E and k")
         logits.append(torch.cat([m.router_logits for m in modules], dim=0))
         top_k.append(ks.pop())
-    return load_balancing_loss(logits, top_k,
-                               DEFAULT_AUX_LOSS_COEF if coef is None else float(coef), mask)
+    loss = load_balancing_loss(logits, top_k, DEFAULT_AUX_LOSS_COEF if coef is None else float(coef), mask)
+    # A MoLEx model (mola.inject with a MoLExConfig) adds its gates' balance loss, as the C++
+    # CausalLM.aux_loss does: molex_aux_loss_coef times the sum over layers (coef does not change it).
+    config = getattr(model, "mola_config", None)
+    if isinstance(config, dict) and config.get("method") == "molex" and config.get("molex_aux_loss_coef", 0) > 0:
+        from .molex import molex_balance_loss
+        loss = loss + config["molex_aux_loss_coef"] * molex_balance_loss(model)
+    return loss

@@ -75,6 +75,12 @@ std::map<std::string, std::vector<int64_t>> expected_shapes(const CausalLMImpl& 
       out[key + "lora_a"] = {r.experts[i], r.rank[i], p->in_features};
       out[key + "lora_b"] = {r.experts[i], p->out_features, r.rank[i]};
     }
+    if (r.is_molex()) {  // the gates are part of a MoLEx adapter (mola/nn/molex.h)
+      const std::string key = layer_path(l) + ".molex.";
+      out[key + "gate.weight"] = {r.num_layers, model.config().hidden_size};
+      out[key + "gate.bias"] = {r.num_layers};
+      if (r.molex_alpha_learned) out[key + "alpha"] = {1};
+    }
   }
   return out;
 }
@@ -104,6 +110,17 @@ void check_same_adapter(const ResolvedAdapter& attached, const ResolvedAdapter& 
     throw ConfigError(cat(source, ": init \"", loaded.init, "\" in the file but the attached adapter has init \"",
                           attached.init, "\", and only PiSSA adjusts the base weights; load into a model without an "
                           "adapter"));
+  // MoLEx settings shape the forward (and the gate tensors): they must agree too.
+  nlohmann::json a = attached.to_json(), b = loaded.to_json();
+  for (const auto& key : AdapterConfig::molex_keys())
+    if (a.value(key, nlohmann::json()) != b.value(key, nlohmann::json()))
+      throw ConfigError(cat(source, ": ", key, " is ", b.value(key, nlohmann::json("(not MoLEx)")).dump(),
+                            " in the file but ", a.value(key, nlohmann::json("(not MoLEx)")).dump(),
+                            " in the attached adapter; load into a model without an adapter, or attach the "
+                            "config of this file"));
+  if (attached.method != loaded.method)
+    throw ConfigError(cat(source, ": method \"", loaded.method, "\" differs from the attached adapter's \"",
+                          attached.method, "\"; load into a model without an adapter"));
 }
 
 }  // namespace
@@ -149,10 +166,26 @@ void CausalLMImpl::attach(const ResolvedAdapter& r) {
       p->mola->train(is_training());
     }
   }
-  // Only the routers and experts train (design.md 2.1).
+  if (r.is_molex()) {
+    for (int64_t l = 0; l < r.num_layers; ++l) {
+      auto* layer = model->layers->ptr(static_cast<size_t>(l))->as<DecoderLayerImpl>();
+      const auto options = nn::MoLExGateOptions(config().hidden_size, r.num_layers, l)
+                               .pool(r.molex_pool)
+                               .alpha(r.molex_alpha)
+                               .alpha_learned(r.molex_alpha_learned)
+                               .gate_grad(r.molex_gate_grad)
+                               .exclude_self(r.molex_exclude_self);
+      layer->attach_molex(nn::MoLExGate(options, model->embed_tokens->weight.options()));
+      layer->molex->train(is_training());
+    }
+  }
+  // Only the routers and experts train (design.md 2.1), and MoLEx's gates.
   for (auto& param : parameters(/*recurse=*/true)) param.requires_grad_(false);
   for (const auto& a : adapted_projections())
     for (auto& param : a.module->mola->parameters()) param.requires_grad_(true);
+  for (const auto& layer : *model->layers)
+    if (layer->as<DecoderLayerImpl>()->has_molex())
+      for (auto& param : layer->as<DecoderLayerImpl>()->molex->parameters()) param.requires_grad_(true);
   adapter_ = r;
   if (adapter_->base_model_name.empty()) adapter_->base_model_name = name_or_path;
 }
@@ -187,7 +220,13 @@ at::Tensor CausalLMImpl::aux_loss(std::optional<double> coef, const std::optiona
   for (auto& logits : per_layer) stacked.push_back(at::cat(logits, 0));  // [modules * tokens, E_l]
   std::optional<at::Tensor> token_mask;
   if (mask && mask->defined()) token_mask = mask->reshape({-1}).ne(0);  // [batch * seq]
-  return ops::load_balancing_loss(stacked, r.top_k, coef.value_or(r.aux_loss_coef), token_mask);
+  at::Tensor loss = ops::load_balancing_loss(stacked, r.top_k, coef.value_or(r.aux_loss_coef), token_mask);
+  if (r.is_molex() && r.molex_aux_loss_coef > 0) {
+    at::Tensor gates = at::zeros({}, loss.options().dtype(at::kFloat));
+    for (const auto& layer : *model->layers) gates = gates + layer->as<DecoderLayerImpl>()->molex->balance_loss();
+    loss = loss + r.molex_aux_loss_coef * gates;
+  }
+  return loss;
 }
 
 // ---- files ----------------------------------------------------------------------------
@@ -198,6 +237,13 @@ std::map<std::string, at::Tensor> adapter_state_dict(const CausalLMImpl& model) 
     out[a.path + ".mola.router"] = a.module->mola->router;
     out[a.path + ".mola.lora_a"] = a.module->mola->lora_a;
     out[a.path + ".mola.lora_b"] = a.module->mola->lora_b;
+  }
+  for (int64_t l = 0; l < model.config().num_hidden_layers; ++l) {
+    const auto* layer = model.model->layers->ptr(static_cast<size_t>(l))->as<DecoderLayerImpl>();
+    if (!layer->has_molex()) continue;
+    out[layer_path(l) + ".molex.gate.weight"] = layer->molex->gate->weight;
+    out[layer_path(l) + ".molex.gate.bias"] = layer->molex->gate->bias;
+    if (layer->molex->alpha.defined()) out[layer_path(l) + ".molex.alpha"] = layer->molex->alpha;
   }
   return out;
 }

@@ -183,17 +183,26 @@ at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::opt
       mask = padded_cached_attention_mask(keep, past, seq, window);  // [batch, 1, seq, past + seq]
     }
     const auto [cos, sin] = rotary_tables(positions, config.head_dim, config.rope_theta, h.scalar_type());
-    for (size_t i = 0; i < layers->size(); ++i)
-      h = (*layers)[i]->as<DecoderLayerImpl>()->forward(h, cos, sin, mask, &cache->keys[i], &cache->values[i]);
+    // MoLEx's gates route at prefill only (the cache is empty then and the mask, if any, is [batch, seq]).
+    const at::Tensor padding = past == 0 && padded ? attention_mask->ne(0).to(h.device()) : at::Tensor();
+    for (size_t i = 0; i < layers->size(); ++i) {
+      auto& l = *(*layers)[i]->as<DecoderLayerImpl>();
+      h = l.has_molex() ? molex_layer_forward(*this, static_cast<int64_t>(i), h, cos, sin, mask, padding, cache, false)
+                        : l.forward(h, cos, sin, mask, &cache->keys[i], &cache->values[i]);
+    }
     return norm->forward(h);
   }
   const auto [cos, sin] =
       rotary_tables(shared_positions(0, seq, h.device()), config.head_dim, config.rope_theta, h.scalar_type());
   const at::Tensor mask = attention_mask_for(batch, seq, attention_mask, window, h.device());
   const bool checkpoint = gradient_checkpointing && is_training() && at::GradMode::is_enabled();
-  for (const auto& layer : *layers) {
-    auto& l = *layer->as<DecoderLayerImpl>();
-    h = checkpoint ? checkpointed_layer_forward(l, h, cos, sin, mask) : l.forward(h, cos, sin, mask);
+  const at::Tensor padding = attention_mask.has_value() ? attention_mask->ne(0).to(h.device()) : at::Tensor();
+  for (size_t i = 0; i < layers->size(); ++i) {
+    auto& l = *(*layers)[i]->as<DecoderLayerImpl>();
+    if (l.has_molex())
+      h = molex_layer_forward(*this, static_cast<int64_t>(i), h, cos, sin, mask, padding, nullptr, checkpoint);
+    else
+      h = checkpoint ? checkpointed_layer_forward(l, h, cos, sin, mask) : l.forward(h, cos, sin, mask);
   }
   return norm->forward(h);
 }

@@ -28,7 +28,7 @@ def test_every_family_task_and_preset_is_there():
     names = {p.relative_to(ROOT / "configs" / "recipes").as_posix() for p in RECIPES}
     for family in ("llama-2-7b", "mistral-7b", "gemma-7b", "gemma-2b", "tiny"):
         for task in ("scienceqa", "commonsense_qa", "openbookqa", "mrpc", "cola", "rte"):
-            for preset in ("5555", "8888", "8642", "2468", "8228", "2882", "lora64"):
+            for preset in ("5555", "8888", "8642", "2468", "8228", "2882", "lora64", "molex-lora", "molex-mola"):
                 assert f"{family}/{task}-{preset}.json" in names
         assert f"{family}/instruction-2468.json" in names
         assert f"{family}/scienceqa-2468-after-instruction.json" in names

@@ -6,7 +6,9 @@
 //                              base_model_name)
 //   adapter_model.safetensors  model.layers.{i}.{self_attn|mlp}.{target}.mola.router [E, in],
 //                              .mola.lora_a [E, r, in], .mola.lora_b [E, out, r],
-//                              in the parameters' dtype
+//                              in the parameters' dtype; MoLEx adds per layer t
+//                              model.layers.{t}.molex.gate.weight [L, hidden],
+//                              .molex.gate.bias [L] and, when learned, .molex.alpha [1]
 // Attaching and the balance loss are CausalLM members (decoder.h); both live
 // in src/models/adapter.cpp.
 #pragma once

@@ -27,6 +27,7 @@
 #include <mola/config.h>
 #include <mola/models/config.h>
 #include <mola/nn/moe_lora_linear.h>
+#include <mola/nn/molex.h>
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -49,6 +50,19 @@ namespace mola::models {
 struct KVCache {
   std::vector<at::Tensor> keys, values;  // one per layer; undefined before the first forward
   int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
+
+  // MoLEx (design.md 3): the gate of layer t picks j from the prompt at
+  // prefill and keeps it for every generated token; the second block u_j
+  // sees layer t's input, so its keys and values are its own, cached per
+  // (t, group of rows that chose the same j). Empty without MoLEx.
+  struct MoLExBranch {
+    int64_t source = 0;  // j
+    at::Tensor rows;     // [n] int64 rows of the batch that chose j; undefined: every row
+    at::Tensor key, value;
+  };
+  std::vector<std::vector<MoLExBranch>> molex;  // [layer t] -> branches (j == t needs none: it reuses u_t)
+  std::vector<at::Tensor> molex_choice;         // [layer t] -> [batch] int64, fixed at prefill
+  std::vector<at::Tensor> molex_scale;          // [layer t] -> [batch] fp32, fixed at prefill
 };
 
 // A linear layer y = x W^T + b under a Hugging Face module name, with an
@@ -128,9 +142,14 @@ class DecoderLayerImpl : public torch::nn::Module {
   // Its module path below this layer: "self_attn.q_proj", "mlp.down_proj".
   static std::string projection_path(const std::string& name);
 
+  // Registers `gate` as "molex" (MoLEx); the layer must not have one yet.
+  void attach_molex(nn::MoLExGate gate);
+  bool has_molex() const { return !molex.is_empty(); }
+
   Attention self_attn{nullptr};
   MLP mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  nn::MoLExGate molex{nullptr};  // MoLEx's gate, when the adapter is "molex"
 };
 TORCH_MODULE(DecoderLayer);
 
@@ -142,6 +161,21 @@ TORCH_MODULE(DecoderLayer);
 // checkpointing. src/models/checkpoint.cpp.
 at::Tensor checkpointed_layer_forward(DecoderLayerImpl& layer, const at::Tensor& x, const at::Tensor& cos,
                                       const at::Tensor& sin, const at::Tensor& mask);
+
+class DecoderModelImpl;
+
+// Layer t of `model` under MoLEx (design.md 3, mola/nn/molex.h):
+// alpha * u_t(z) + (1 - alpha) * u_j(z), j from layer t's gate. padding
+// [batch, seq] bool (true = token) feeds the gate's pooling (undefined: no
+// padding). Rows that chose the same j run u_j as one batched call (one host
+// sync per layer to list the distinct j); j == t reuses u_t. The chosen
+// blocks' MoLA router logits are left out of the balance loss (ours): each
+// layer's routers are balanced over its own input, as without MoLEx.
+// With a cache (generation), j is chosen at prefill and kept; "token"
+// routing has no cache (std::invalid_argument). src/models/molex.cpp.
+at::Tensor molex_layer_forward(DecoderModelImpl& model, int64_t t, const at::Tensor& z, const at::Tensor& cos,
+                               const at::Tensor& sin, const at::Tensor& mask, const at::Tensor& padding,
+                               KVCache* cache, bool checkpoint);
 
 // The stack under "model.": embed_tokens, layers.N, norm. Returns the final
 // normed hidden states [batch, seq, hidden].
@@ -244,7 +278,10 @@ class CausalLMImpl : public torch::nn::Module {
   // The load-balancing loss (design.md 2.2) of the last forward: per layer,
   // the router logits of its adapted projections stacked in
   // projection_names() order. coef defaults to the config's aux_loss_coef.
-  // mask [batch, seq] (1 = token) leaves padding out.
+  // mask [batch, seq] (1 = token) leaves padding out. A MoLEx adapter adds
+  // molex_aux_loss_coef times the sum over layers of the gates' balance
+  // loss (mola/nn/molex.h) when that coefficient is > 0; coef does not
+  // change it.
   at::Tensor aux_loss(std::optional<double> coef = std::nullopt,
                       const std::optional<at::Tensor>& mask = std::nullopt) const;
   // The adapted projections: {module path, layer index, projection}, layer by
