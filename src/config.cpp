@@ -364,17 +364,18 @@ AdapterConfig AdapterConfig::for_method(const std::string& method, const std::st
 }
 
 AdapterConfig AdapterConfig::from_json(const nlohmann::json& j) {
-  std::vector<std::string> valid = keys();
-  valid.insert(valid.end(), molex_keys().begin(), molex_keys().end());
-  check_keys(j, valid, "adapter config");
+  if (!j.is_object()) check_keys(j, keys(), "adapter config");  // names the expected form
   // The method (and MoLEx's base_method) pick the defaults of the other keys,
-  // so they are read first.
+  // so they are read first. Only MoLEx configs take (and are offered) the MoLEx keys.
   const std::string method = j.contains("method") ? get_string(j, "method", "mola") : "mola";
-  if (method != "molex")
+  std::vector<std::string> valid = keys();
+  if (method == "molex") valid.insert(valid.end(), molex_keys().begin(), molex_keys().end());
+  else
     for (const auto& key : molex_keys())
       if (j.contains(key))
         fail(key, " is a MoLEx setting, but method is ", quote(method), "; drop ", key,
              " or set method \"molex\" (with base_method ", quote(method == "mola" ? "mola" : "lora"), ")");
+  check_keys(j, valid, "adapter config");
   AdapterConfig c = for_method(method, j.contains("base_method") ? get_string(j, "base_method", "lora") : "lora");
   if (j.contains("experts")) c.experts = PerLayerSpec::from_json(j.at("experts"), "experts");
   if (j.contains("top_k")) c.top_k = PerLayerSpec::from_json(j.at("top_k"), "top_k");
