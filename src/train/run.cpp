@@ -151,6 +151,9 @@ nlohmann::json run_train(const Recipe& recipe) {
 
   // A fresh adapter leaves the model's outputs unchanged (B = 0), so the
   // "before" evaluation is the base model's (or init_adapter's) accuracy.
+  // The adapter's random initialisation follows train.seed too, so two runs of
+  // one recipe are the same run (and a resumed one equals an uninterrupted one).
+  torch::manual_seed(static_cast<uint64_t>(recipe.train.seed));
   if (recipe.train.init_adapter.empty()) model->attach(recipe.adapter);
   else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
   TrainOptions options = recipe.train;
@@ -261,6 +264,9 @@ nlohmann::json run_continual(const Recipe& recipe) {
   std::vector<std::vector<data::Row>> test;
   for (const auto& d : domains) test.push_back(domain_rows(recipe, recipe.data.test, d));
 
+  // The adapter's random initialisation follows train.seed too, so two runs of
+  // one recipe are the same run (and a resumed one equals an uninterrupted one).
+  torch::manual_seed(static_cast<uint64_t>(recipe.train.seed));
   if (recipe.train.init_adapter.empty()) model->attach(recipe.adapter);
   else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
   TrainOptions options = recipe.train;
