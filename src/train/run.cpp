@@ -153,9 +153,10 @@ nlohmann::json run_train(const Recipe& recipe, const c10::intrusive_ptr<c10d::Pr
   if (!recipe.data.test.empty()) test_rows = load_split(recipe, recipe.data.test);
 
   // A fresh adapter leaves the model's outputs unchanged (B = 0), so the
-  // "before" evaluation is the base model's (or init_adapter's) accuracy. Its
-  // initialisation follows train.seed, whatever drew from torch's generator
-  // before (torch.distributed's set-up does).
+  // "before" evaluation is the base model's (or init_adapter's) accuracy.
+  // The adapter's random initialisation follows train.seed, whatever drew from
+  // torch's generator before (torch.distributed's set-up does), so two runs of
+  // one recipe are the same run (and a resumed one equals an uninterrupted one).
   torch::manual_seed(static_cast<uint64_t>(recipe.train.seed));
   if (recipe.train.init_adapter.empty()) model->attach(recipe.adapter);
   else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
@@ -280,7 +281,9 @@ nlohmann::json run_continual(const Recipe& recipe, const c10::intrusive_ptr<c10d
   std::vector<std::vector<data::Row>> test;
   for (const auto& d : domains) test.push_back(domain_rows(recipe, recipe.data.test, d));
 
-  torch::manual_seed(static_cast<uint64_t>(recipe.train.seed));  // the adapter's initialisation, as run_train
+  // The adapter's random initialisation follows train.seed too, so two runs of
+  // one recipe are the same run (and a resumed one equals an uninterrupted one).
+  torch::manual_seed(static_cast<uint64_t>(recipe.train.seed));
   if (recipe.train.init_adapter.empty()) model->attach(recipe.adapter);
   else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
   TrainOptions options = recipe.train;
