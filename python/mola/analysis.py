@@ -88,6 +88,8 @@ def expert_redundancy(tensors: Dict[str, torch.Tensor], resolved: Dict[str, Any]
     (``model.layers.{l}.self_attn.q_proj.mola.lora_a``)."""
     found: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if ".molex." in key:  # a MoLEx adapter's layer gates: not experts
+            continue
         match = _KEY_RE.match(key)
         if match is None:
             raise ValueError(f"expert_redundancy: tensor key {key!r} is not an adapter key "

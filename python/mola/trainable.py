@@ -42,9 +42,12 @@ def set_trainable(model: Any, trainable: str = "all") -> Dict[str, int]:
                 tensors.append((p, True))
             elif name.endswith((".mola.lora_a", ".mola.lora_b")):
                 tensors.append((p, False))
+            elif ".molex." in name:  # MoLEx's gates route between layers: routers
+                tensors.append((p, True))
     elif isinstance(model, nn.Module):
         for _, m in mola_modules(model):
             tensors += [(m.router, True), (m.lora_a, False), (m.lora_b, False)]
+        tensors += [(p, True) for name, p in model.named_parameters() if ".molex." in name]
     else:
         raise ValueError(f"set_trainable: expected an nn.Module or a mola.CausalLM; got {type(model).__name__}")
     if not tensors:

@@ -212,6 +212,9 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
     a.module->mola->lora_a.requires_grad_(experts);
     a.module->mola->lora_b.requires_grad_(experts);
   }
+  // MoLEx's gates route between layers: they count as routers.
+  for (auto& p : model_->named_parameters(/*recurse=*/true))
+    if (p.key().find(".molex.") != std::string::npos) p.value().requires_grad_(routers);
   detail::Trainable trainable;
   for (const auto& p : model_->named_parameters(/*recurse=*/true)) {
     if (!p.value().requires_grad()) continue;

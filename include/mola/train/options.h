@@ -52,6 +52,7 @@ struct TrainOptions {
   // frozen. A fresh Kaiming or Gaussian adapter has B = 0, so its routers get
   // no gradient from the language-model loss: "routers" is for an adapter
   // whose experts already learned (init_adapter), or through aux_loss_coef.
+  // MoLEx's layer gates count as routers.
   std::string trainable = "all";
 
   // Missing keys keep their defaults. Unknown keys and bad values throw
