@@ -36,3 +36,15 @@ def git_rev():
     if out.returncode != 0:
         return None
     return out.stdout.strip() or None
+
+
+def add_model_shape_args(p, *, hidden, intermediate, heads, vocab, layers=4, seq=128, batch=4):
+    """The random llama's shape options both model benchmarks take (kv heads default to heads)."""
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--hidden", type=int, default=hidden)
+    p.add_argument("--intermediate", type=int, default=intermediate)
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=heads)
+    p.add_argument("--vocab", type=int, default=vocab)
+    p.add_argument("--seq", type=int, default=seq)
+    p.add_argument("--batch", type=int, default=batch)

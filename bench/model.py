@@ -43,21 +43,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import device_name, git_rev, quantile  # noqa: E402
+from common import add_model_shape_args, device_name, git_rev, quantile  # noqa: E402
 ROWS = ("mola_cpp", "hf_mola_inject", "hf_peft_lora16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=4)
+    add_model_shape_args(p, hidden=512, intermediate=1376, heads=8, vocab=32000)
     p.add_argument("--experts", default="2468", help="MoLA experts: a preset name or a per-group list")
     p.add_argument("--top-k", dest="top_k", type=int, default=2)
     p.add_argument("--rank", type=int, default=8, help="MoLA rank of each expert")

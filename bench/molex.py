@@ -31,7 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import device_name, git_rev, quantile  # noqa: E402
+from common import add_model_shape_args, device_name, git_rev, quantile  # noqa: E402
 from model import make_checkpoint, make_ids, make_step, memory_status, reset_peak  # noqa: E402
 
 ROWS = ("cpp_lora", "cpp_molex_lora", "cpp_mola", "cpp_molex_mola", "hf_lora", "hf_molex_lora")
@@ -40,14 +40,7 @@ PAIRS = (("cpp_molex_lora", "cpp_lora"), ("cpp_molex_mola", "cpp_mola"), ("hf_mo
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=4)
+    add_model_shape_args(p, hidden=256, intermediate=688, heads=4, vocab=8000)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--iters", type=int, default=6)

@@ -10,6 +10,8 @@
 #include "mola/config.h"
 #include "mola/models/config.h"
 
+#include "fuzz_check.h"
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -17,12 +19,7 @@
 
 namespace {
 
-void check(bool ok, const char* what) {
-  if (!ok) {
-    std::fprintf(stderr, "invariant violated: %s\n", what);
-    std::abort();
-  }
-}
+using mola::fuzz::check;
 
 void adapter(const std::string& text, int64_t layers) {
   mola::AdapterConfig c;

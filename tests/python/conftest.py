@@ -4,7 +4,8 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401
+import pytest
+import torch
 
 
 def _inductor_cache_dir() -> str:
@@ -19,3 +20,13 @@ def _inductor_cache_dir() -> str:
 
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs a module's tests on one torch thread (tests that compare runs
+    step by step are faster and steadier without thread contention)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -9,6 +9,8 @@ import torch
 
 import mola
 
+from tiny_models import save_tiny_llama
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 61
@@ -16,12 +18,7 @@ VOCAB = 61
 
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-ckpt")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-ckpt"), VOCAB)
 
 
 def _model(path, dropout):

@@ -19,28 +19,20 @@ import mola
 from mola import _C
 from mola.inject import mola_modules
 
+from tiny_models import save_tiny_llama
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 61
 CFG = dict(experts="2,4,6,8", top_k=2, rank=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), VOCAB)
 
 
 def hf_model(path):

@@ -18,3 +18,14 @@ def randomize(model, family):
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
             else:
                 p.normal_(0.0, 1.0)
+
+
+def save_tiny_llama(path, vocab=61):
+    """Writes a random 4-layer llama (hidden 32, GQA 4/2 heads, fp32, seed 0)
+    as a Hugging Face checkpoint in ``path``, the model the trainer tests use."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path
