@@ -155,6 +155,7 @@ class MoLExGate(nn.Module):
         return n * ((count / units) * (probs.sum(0) / units)).sum()
 
     def extra_repr(self) -> str:
+        """The gate's settings, for ``print(model)``."""
         return (f"layer_index={self.layer_index}, num_layers={self.num_layers}, pool={self.pool!r}, "
                 f"alpha={self.alpha_init}, alpha_learned={self.alpha is not None}, "
                 f"gate_grad={self.gate_grad!r}, exclude_self={self.exclude_self}")

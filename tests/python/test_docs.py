@@ -2,8 +2,11 @@
 docs/ is executed, in order, from a scratch directory that sees the
 repository's data/, configs/ and examples/ (so the pages use the same relative
 paths a user in the repository would); every ```console block names scripts in
-examples/ that a test runs. The pages' links resolve, and the README links the
-index.
+examples/ that a test runs. docs/cpp.md's ```sh blocks (configure, build,
+install, torchrun) are what the ctest cpp_package_finetune and
+tests/python/test_cpp_distributed.py run; that ctest also checks the page quotes
+examples/cpp/finetune/finetune.cpp exactly. The pages' links resolve, and the
+README links the index.
 """
 import os
 import re
@@ -17,8 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
-# docs/cpp.md comes from the C++ package work (wt-cpkg), merged beside these pages.
-OTHER_BRANCH_PAGES = {"cpp.md"}
 
 
 def _blocks(page, language):
@@ -35,9 +36,9 @@ def scratch(tmp_path):
 
 
 def test_the_pages_are_there():
-    assert {"README.md", "python.md", "recipes.md", "distributed.md"} <= set(PAGES)
+    assert {"README.md", "python.md", "recipes.md", "distributed.md", "cpp.md"} <= set(PAGES)
     index = (DOCS / "README.md").read_text()
-    for page in PAGES + sorted(OTHER_BRANCH_PAGES):
+    for page in PAGES:
         if page != "README.md":
             assert f"({page})" in index, f"docs/README.md does not list {page}"
     assert "(docs/README.md)" in (ROOT / "README.md").read_text()
@@ -46,7 +47,7 @@ def test_the_pages_are_there():
 @pytest.mark.parametrize("page", PAGES)
 def test_links_resolve(page):
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (DOCS / page).read_text()):
-        if re.match(r"[a-z]+://", target) or (target in OTHER_BRANCH_PAGES and not (DOCS / target).exists()):
+        if re.match(r"[a-z]+://", target):
             continue
         assert (DOCS / target).exists(), f"{page} links {target}, which does not exist"
 
