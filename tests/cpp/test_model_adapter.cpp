@@ -3,6 +3,8 @@
 // were (B is zero), only adapter parameters train, per-layer experts follow
 // the preset, and save_adapter / load_adapter round-trip, with every mismatch
 // an error naming what differs. Python's side is tests/python/test_model_adapter.py.
+#include "tiny_model.h"
+
 #include "mola/io/safetensors.h"
 #include "mola/models/adapter.h"
 #include "mola/models/decoder.h"
@@ -26,21 +28,8 @@ using mola::models::CausalLM;
 using mola::models::ModelConfig;
 using nlohmann::json;
 
-// A tiny llama with 4 layers, so the 4 experts groups are one layer each.
-ModelConfig tiny_llama() {
-  return ModelConfig::from_json(json::parse(R"({
-    "model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
-    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-    "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-06,
-    "rope_theta": 10000.0, "tie_word_embeddings": false})"));
-}
-
-CausalLM tiny_model(uint64_t seed = 0) {
-  torch::manual_seed(seed);
-  CausalLM m(tiny_llama());
-  m->eval();
-  return m;
-}
+using mola::testing::tiny_llama;
+using mola::testing::tiny_model;
 
 AdapterConfig inverted(int64_t rank = 4) {
   AdapterConfig c;

@@ -5,6 +5,8 @@
 // balance loss against hand-computed values, and save/load with the gates.
 // The forward against a block-by-block oracle and the transformers side are
 // in tests/python/test_molex.py.
+#include "tiny_model.h"
+
 #include "mola/config.h"
 #include "mola/models/adapter.h"
 #include "mola/models/decoder.h"
@@ -28,20 +30,8 @@ using mola::models::DecoderLayerImpl;
 using mola::models::ModelConfig;
 using nlohmann::json;
 
-ModelConfig tiny_llama() {
-  return ModelConfig::from_json(json::parse(R"({
-    "model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
-    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-    "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-06,
-    "rope_theta": 10000.0, "tie_word_embeddings": false})"));
-}
-
-CausalLM tiny_model(uint64_t seed = 0) {
-  torch::manual_seed(seed);
-  CausalLM m(tiny_llama());
-  m->eval();
-  return m;
-}
+using mola::testing::tiny_llama;
+using mola::testing::tiny_model;
 
 // Non-zero LoRA B and larger gate weights, so that adapters matter and the
 // gates pick different layers for different sequences.
