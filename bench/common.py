@@ -2,6 +2,7 @@
 the revision, and quantiles of repeated timings."""
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -48,3 +49,23 @@ def add_model_shape_args(p, *, hidden, intermediate, heads, vocab, layers=4, seq
     p.add_argument("--vocab", type=int, default=vocab)
     p.add_argument("--seq", type=int, default=seq)
     p.add_argument("--batch", type=int, default=batch)
+
+
+def time_interleaved(steps, warmup, iters):
+    """Runs every step function of ``steps`` (name -> callable returning the
+    loss) once per round, rotating the order each round so no row is always
+    first; returns the seconds of the timed rounds (after ``warmup``) per name
+    and each row's loss in the first round."""
+    order = list(steps)
+    times, first_loss = {name: [] for name in order}, {}
+    for round_index in range(warmup + iters):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            t0 = time.perf_counter()
+            loss = steps[name]()
+            elapsed = time.perf_counter() - t0
+            if round_index == 0:
+                first_loss[name] = loss.item()
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return times, first_loss

@@ -36,14 +36,13 @@ import gc
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import add_model_shape_args, device_name, git_rev, quantile  # noqa: E402
+from common import add_model_shape_args, device_name, git_rev, quantile, time_interleaved  # noqa: E402
 ROWS = ("mola_cpp", "hf_mola_inject", "hf_peft_lora16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -233,18 +232,9 @@ def main(argv=None):
                 notes[name] = row
                 continue
             steps[name], trainable[name] = make_step(*row, ids, args.lr)
-        times = {name: [] for name in steps}
         order = list(steps)
-        for round_index in range(args.warmup + args.iters):
-            shift = round_index % len(order)  # rotate the order so no row is always first
-            for name in order[shift:] + order[:shift]:
-                t0 = time.perf_counter()
-                loss = steps[name]()
-                elapsed = time.perf_counter() - t0
-                if round_index == 0:
-                    first_loss[name] = loss.item()
-                if round_index >= args.warmup:
-                    times[name].append(elapsed)
+        times, first = time_interleaved(steps, args.warmup, args.iters)
+        first_loss.update(first)
         del steps
         stats = {}
         for name in order:

@@ -24,14 +24,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import add_model_shape_args, device_name, git_rev, quantile  # noqa: E402
+from common import add_model_shape_args, device_name, git_rev, quantile, time_interleaved  # noqa: E402
 from model import make_checkpoint, make_ids, make_step, memory_status, reset_peak  # noqa: E402
 
 ROWS = ("cpp_lora", "cpp_molex_lora", "cpp_mola", "cpp_molex_mola", "hf_lora", "hf_molex_lora")
@@ -135,17 +134,8 @@ def main(argv=None):
             torch.manual_seed(args.seed)
             models[name] = build_row(name, args, checkpoint)
             steps[name], _ = make_step(*models[name], ids, args.lr)
-        order, times, first = list(steps), {n: [] for n in steps}, {}
-        for r in range(args.warmup + args.iters):
-            shift = r % len(order)
-            for name in order[shift:] + order[:shift]:
-                t0 = time.perf_counter()
-                loss = steps[name]()
-                dt = time.perf_counter() - t0
-                if r == 0:
-                    first[name] = loss.item()
-                if r >= args.warmup:
-                    times[name].append(dt)
+        order = list(steps)
+        times, first = time_interleaved(steps, args.warmup, args.iters)
         stats = {n: {"median_ms": quantile(times[n], 0.5) * 1e3, "p10_ms": quantile(times[n], 0.1) * 1e3,
                      "p90_ms": quantile(times[n], 0.9) * 1e3, "runs": len(times[n]), "first_loss": first[n],
                      "groups_per_layer": groups(models[n][0])} for n in order}
