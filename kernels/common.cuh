@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,7 +29,27 @@ constexpr int64_t ceil_div(int64_t n, int64_t per_block) {
   return (n + per_block - 1) / per_block;
 }
 
-// Loads of the three storage dtypes, widened to fp32.
+// The arithmetic type of a storage dtype: fp32 for float, half and bfloat16
+// (design.md 4, "Precision"), fp64 for double (so float64 gradchecks run the
+// kernels themselves at full precision).
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+// Loads of the storage dtypes, widened to their arithmetic type.
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Loads of the three 16/32-bit storage dtypes, widened to fp32.
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -41,12 +62,32 @@ __device__ __forceinline__ float from_float<float>(float v) {
   return v;
 }
 template <>
+__device__ __forceinline__ double from_float<double>(float v) {
+  return v;
+}
+template <>
 __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// Arithmetic type -> storage dtype, rounding once (to nearest even).
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return from_float<T>(v);
+  }
+}
+
+// Rounds v to T and back: the value an ATen op in dtype T would have stored.
+template <typename T>
+__device__ __forceinline__ acc_t<T> round_to(acc_t<T> v) {
+  return to_acc(from_acc<T>(v));
 }
 
 // Butterfly (xor) reductions: every lane ends with the result, so no broadcast
@@ -57,6 +98,42 @@ __device__ __forceinline__ float warp_sum(float v) {
     v += __shfl_xor_sync(kFullWarpMask, v, offset);
   }
   return v;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(kFullWarpMask, v, offset);
+  }
+  return v;
+}
+
+__device__ __forceinline__ double warp_max(double v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    v = fmax(v, __shfl_xor_sync(kFullWarpMask, v, offset));
+  }
+  return v;
+}
+
+// The dropout multiplier of element i (kernels/philox.h's contract): 0 or
+// 1/(1-p) as float, widened to the arithmetic type.
+template <typename Acc>
+__device__ __forceinline__ Acc dropout_multiplier(uint64_t seed, uint64_t i, float p) {
+  return static_cast<Acc>(philox::dropout_keep(seed, i, p) ? philox::dropout_scale(p) : 0.0f);
+}
+
+// The expert id of a routed slot, or -1 when outside [0, E): the grouped
+// kernels leave such a slot out rather than index out of bounds.
+__device__ __forceinline__ int checked_expert(int64_t e, int E) {
+  return (e >= 0 && e < E) ? static_cast<int>(e) : -1;
+}
+
+// The seed a kernel uses: read from device memory when the caller passed a
+// CUDA tensor (a CUDA graph then replays with whatever value it holds), the
+// host value otherwise.
+__device__ __forceinline__ uint64_t load_seed(const int64_t* seed_ptr, uint64_t seed) {
+  return seed_ptr != nullptr ? static_cast<uint64_t>(*seed_ptr) : seed;
 }
 
 __device__ __forceinline__ float warp_max(float v) {

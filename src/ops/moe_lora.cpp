@@ -1,7 +1,8 @@
 // Schema of the moe_lora op family and its C++ entry points (include/mola/ops.h).
 // The backends register implementations under the same names:
 //   src/ops/cpu/      ATen (CPU; also the oracle the CUDA path is tested against)
-//   src/ops/cuda/     CUDA (routing kernel; the rest in ATen until the fused kernels land)
+//   src/ops/cuda/     CUDA host glue around kernels/ (routing, fused shrink, gate scale and
+//                     backward, dropout, the grouped products) and cuBLAS for the wide GEMMs
 //   src/ops/autograd/ the torch::autograd::Function calling _moe_lora_backward
 // Fake (meta) kernels live in Python, mola/_fake.py, so torch.compile traces through.
 #include <mola/ops.h>
@@ -53,7 +54,10 @@ const char* compute_name(Compute compute) {
 
 Compute resolve_compute(Compute compute, int64_t num_experts, int64_t rank) {
   if (compute != Compute::kAuto) return compute;
-  // Starting rule of design section 4; issue 5 refits it to H100 measurements.
+  // Design section 4's starting rule. On the CPU it matches the measured
+  // crossover (bench/crossover.py, bench/results/crossover-cpu-*.json: dense
+  // ahead up to E*r = 128, ties at 256, grouped ahead from 512); on CUDA it
+  // awaits the same measurement on an H100 (bench/crossover.py --device cuda).
   return num_experts * rank <= 256 ? Compute::kDense : Compute::kGrouped;
 }
 

@@ -21,7 +21,8 @@ namespace {
 constexpr int64_t kDense = static_cast<int64_t>(ops::Compute::kDense);
 
 // x * mask(seed) for a [T, in] matrix: one fused pass on the CPU; elsewhere
-// (until the CUDA kernels of issue 5) the host-made mask, copied over. Both
+// (the CUDA path's fallback for shapes its kernels do not take) the host-made
+// mask, copied over. Both
 // compute in fp32 (fp64 for fp64) and round once, as dropout.h defines.
 at::Tensor apply_dropout(const at::Tensor& X, double p, const std::optional<at::Tensor>& seed) {
   const auto s = static_cast<uint64_t>(read_dropout_seed(seed));
@@ -51,7 +52,7 @@ at::Tensor cat_lora_b(const at::Tensor& lora_b) {
 
 // The routed (token, slot) pairs grouped by expert: `order` lists flat slot ids
 // t*k + j sorted by expert, `counts` how many each expert got (on the host: the
-// grouped loop needs them to slice; CPU only, issue 5 replaces it on CUDA).
+// grouped loop needs them to slice; the CUDA kernels sort on the device instead).
 struct ExpertSegments {
   at::Tensor order;              // [T*k] int64
   std::vector<int64_t> counts;   // [E]
