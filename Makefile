@@ -22,7 +22,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
 export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
 
 .PHONY: help run test setup install-debs install-python build test-cpp test-python bench clean \
-        install-fuzz-debs fuzz test-fuzz test-sanitize test-sanitize-fast
+        install-fuzz-debs fuzz test-fuzz test-sanitize test-sanitize-fast gpu-debs
 
 help:
 	@echo "make run    - set up, build, fine-tune the bundled tiny llama on ScienceQA with MoLA, analyse it, write a report"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench  - the CPU layer benchmark (bench/layer.py), JSON to bench/results/"
 	@echo "make fuzz   - fuzz the safetensors, config.json, recipe and preset readers, FUZZ_SECONDS (60) each"
 	@echo "make test-sanitize - the C++ library and tests under ASan+UBSan (~30 min of 2-core CPU)"
+	@echo "make gpu-debs - download the Debian packages .ci/gpu needs on a GPU machine into .debs/gpu"
 
 setup: install-debs install-python
 
@@ -42,6 +43,15 @@ install-debs install-fuzz-debs:
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+
+# What .ci/gpu builds with on a GPU machine that has no package registry: the
+# C++ dependencies as .deb files (and pkg-config), carried there and unpacked
+# into a prefix. Downloaded, not installed.
+GPU_DEBS := nlohmann-json3-dev libsentencepiece-dev libsentencepiece0 pkgconf pkgconf-bin libpkgconf3
+gpu-debs:
+	mkdir -p .debs/gpu
+	cd .debs/gpu && apt-get download $(GPU_DEBS)
+	@ls -1 .debs/gpu
 
 # The virtual environment with the pinned requirements, redone when they change.
 install-python: $(STAMP)

@@ -40,15 +40,24 @@ def git_rev():
 
 
 def add_model_shape_args(p, *, hidden, intermediate, heads, vocab, layers=4, seq=128, batch=4):
-    """The random llama's shape options both model benchmarks take (kv heads default to heads)."""
+    """The random llama's shape options both model benchmarks take; --kv-heads
+    is None unless given: resolve it with ``kv_heads_default(args)`` after parsing."""
     p.add_argument("--layers", type=int, default=layers)
     p.add_argument("--hidden", type=int, default=hidden)
     p.add_argument("--intermediate", type=int, default=intermediate)
     p.add_argument("--heads", type=int, default=heads)
-    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=heads)
+    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=None,
+                   help="key/value heads (default: --heads)")
     p.add_argument("--vocab", type=int, default=vocab)
     p.add_argument("--seq", type=int, default=seq)
     p.add_argument("--batch", type=int, default=batch)
+
+
+def kv_heads_default(args):
+    """--kv-heads follows --heads when not given (so --heads 4 alone is valid)."""
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    return args
 
 
 def time_interleaved(steps, warmup, iters):
@@ -69,3 +78,36 @@ def time_interleaved(steps, warmup, iters):
             if round_index >= warmup:
                 times[name].append(elapsed)
     return times, first_loss
+
+
+# Shapes named after the model they copy, for --preset: every option a preset
+# sets can still be given on the command line, and the command line wins.
+MODEL_PRESETS = {
+    # LLaMA-2-7B (meta-llama/Llama-2-7b-hf's config.json) and issue 5's batch: seq 512 x batch 8.
+    "llama2-7b": dict(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000,
+                      seq=512, batch=8),
+}
+
+
+def parse_with_model_preset(p, argv=None):
+    """Adds --preset (a MODEL_PRESETS name) to ``p`` and parses ``argv``; the
+    preset's values become the defaults, so an explicit option overrides them."""
+    p.add_argument("--preset", default=None, choices=tuple(MODEL_PRESETS),
+                   help="model shape preset (explicit shape options override it): "
+                        + "; ".join(f"{name}: {values}" for name, values in MODEL_PRESETS.items()))
+    known, _ = p.parse_known_args(argv)
+    if known.preset is not None:
+        p.set_defaults(**MODEL_PRESETS[known.preset])
+    return p.parse_args(argv)
+
+
+def cuda_timed(fn):
+    """(seconds, fn's result) of one call on the current CUDA stream, by CUDA
+    events around it; waits for the end event, so the GPU work is all counted
+    (and any host-side stall between launches shows as idle time in between)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    result = fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3, result

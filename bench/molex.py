@@ -30,8 +30,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import add_model_shape_args, device_name, git_rev, quantile, time_interleaved  # noqa: E402
-from model import make_checkpoint, make_ids, make_step, memory_status, reset_peak  # noqa: E402
+from common import (add_model_shape_args, device_name, git_rev, kv_heads_default, quantile,  # noqa: E402
+                    time_interleaved)
+from model import make_ids, make_step, memory_status, reset_peak, write_checkpoint  # noqa: E402
 
 ROWS = ("cpp_lora", "cpp_molex_lora", "cpp_mola", "cpp_molex_mola", "hf_lora", "hf_molex_lora")
 PAIRS = (("cpp_molex_lora", "cpp_lora"), ("cpp_molex_mola", "cpp_mola"), ("hf_molex_lora", "hf_lora"))
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = kv_heads_default(p.parse_args(argv))
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
         p.error(f"--rows: unknown row(s) {sorted(unknown)}; valid: {', '.join(ROWS)}")
@@ -127,7 +128,7 @@ def main(argv=None):
         return
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="mola-bench-molex-") as checkpoint:
-        make_checkpoint(args, checkpoint)
+        write_checkpoint(args, checkpoint, torch.device("cpu"), torch.float32)
         ids = make_ids(args)
         steps, models = {}, {}
         for name in args.rows.split(","):
