@@ -16,6 +16,9 @@ DEBS      := nlohmann-json3-dev libsentencepiece-dev libgtest-dev ccache cmake g
 # libFuzzer and the ASan/UBSan runtimes, for the fuzz targets and sanitizer runs.
 FUZZ_DEBS := clang libclang-rt-14-dev ninja-build
 FUZZ_SECONDS ?= 60
+# make test fuzzes from a fixed seed, so a failure there comes from the change
+# under test, not from the draw; make fuzz draws a new seed each run.
+FUZZ_SEED ?= 1
 STAMP     := $(VENV)/.mola-requirements
 
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
@@ -86,8 +89,9 @@ test-python: build
 test-fuzz: install-fuzz-debs
 	$(MAKE) -C tests/fuzz -j $(JOBS) all
 	$(MAKE) -C tests/fuzz replay
-	$(MAKE) -C tests/fuzz run FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_JOBS=2
+	$(MAKE) -C tests/fuzz run FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_SEED=$(FUZZ_SEED) FUZZ_JOBS=2
 
+fuzz: FUZZ_SEED := 0
 fuzz: test-fuzz
 
 test-sanitize-fast: install-fuzz-debs

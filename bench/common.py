@@ -2,6 +2,7 @@
 the revision, and quantiles of repeated timings."""
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -111,3 +112,28 @@ def cuda_timed(fn):
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3, result
+
+
+def add_layer_shape_args(p, dtypes):
+    """The one-layer options bench/layer.py and bench/crossover.py share."""
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=tuple(dtypes))
+    p.add_argument("--T", type=int, default=2048, help="tokens (the flattened batch)")
+    p.add_argument("--in-features", dest="in_features", type=int, default=1024)
+    p.add_argument("--out-features", dest="out_features", type=int, default=1024)
+
+
+def write_json(text, output, default_name):
+    """Writes a benchmark's JSON ``text`` to ``output`` (a path), or to
+    bench/results/<default_name> when ``output`` is empty; says where on stderr."""
+    path = Path(output) if output else Path(__file__).resolve().parent / "results" / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def layer_tag(args, middle):
+    """The result-file tag of a one-layer benchmark: dtype, shapes, ``middle``, dropout."""
+    tag = f"{args.dtype}-T{args.T}-in{args.in_features}-out{args.out_features}-{middle}"
+    return tag + (f"-p{args.dropout:g}" if args.dropout else "")

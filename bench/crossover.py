@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import device_name, git_rev, quantile, time_interleaved  # noqa: E402
+from common import (add_layer_shape_args, device_name, git_rev, layer_tag, quantile,  # noqa: E402
+                    time_interleaved, write_json)
 from layer import DTYPES  # noqa: E402
 
 # The grids of issue 5: the CUDA one spans the design's E and r ranges and
@@ -71,11 +72,7 @@ def int_list(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--T", type=int, default=2048, help="tokens (the flattened batch)")
-    p.add_argument("--in-features", dest="in_features", type=int, default=1024)
-    p.add_argument("--out-features", dest="out_features", type=int, default=1024)
+    add_layer_shape_args(p, DTYPES)
     p.add_argument("--E", type=int_list, default=None, help="comma list of expert counts (default per device)")
     p.add_argument("--r", type=int_list, default=None, help="comma list of ranks (default per device)")
     p.add_argument("--k", type=int, default=2, help="top-k (points with E < k are skipped)")
@@ -321,14 +318,8 @@ def main(argv=None):
     text = json.dumps(result, indent=2)
     print(text)
     if args.output is not None:
-        tag = args.tag or f"{args.dtype}-T{args.T}-in{args.in_features}-out{args.out_features}-k{args.k}"
-        if args.dropout:
-            tag += f"-p{args.dropout:g}"
-        path = (Path(args.output) if args.output
-                else REPO / "bench" / "results" / f"crossover-{args.device}-{tag}.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+        tag = args.tag or layer_tag(args, f"k{args.k}")
+        write_json(text, args.output, f"crossover-{args.device}-{tag}.json")
 
 
 if __name__ == "__main__":

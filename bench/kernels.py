@@ -32,7 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import device_name, git_rev  # noqa: E402
+from common import device_name, git_rev, write_json  # noqa: E402
 from crossover import COMPUTE, make_inputs, op_step  # noqa: E402
 from layer import DTYPES  # noqa: E402
 
@@ -353,10 +353,7 @@ def main(argv=None):
     print(text)
     if args.output is not None:
         tag = args.tag or f"{args.dtype}-T{args.T}-k{args.k}" + (f"-p{args.dropout:g}" if args.dropout else "")
-        path = Path(args.output) if args.output else REPO / "bench" / "results" / f"kernels-cuda-{tag}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+        write_json(text, args.output, f"kernels-cuda-{tag}.json")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from common import device_name, git_rev, quantile  # noqa: E402
+from common import add_layer_shape_args, device_name, git_rev, layer_tag, quantile, write_json  # noqa: E402
 sys.path.insert(0, str(REPO))  # for tests.reference
 
 from tests.reference.authors_loop import ReferenceMoLALinear  # noqa: E402
@@ -43,11 +43,7 @@ ROWS = ("base", "lora16", "peft_lora16", "loop", "mola_dense", "mola_grouped", "
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--T", type=int, default=2048, help="tokens (the flattened batch)")
-    p.add_argument("--in-features", dest="in_features", type=int, default=1024)
-    p.add_argument("--out-features", dest="out_features", type=int, default=1024)
+    add_layer_shape_args(p, DTYPES)
     p.add_argument("--E", type=int, default=8, help="experts")
     p.add_argument("--k", type=int, default=2, help="top-k")
     p.add_argument("--r", type=int, default=8, help="rank of each expert")
@@ -297,13 +293,8 @@ def main(argv=None):
     }
     text = json.dumps(result, indent=2)
     print(text)
-    tag = args.tag or f"{args.dtype}-T{args.T}-in{args.in_features}-out{args.out_features}-E{args.E}k{args.k}r{args.r}"
-    if args.dropout:
-        tag += f"-p{args.dropout:g}"
-    path = Path(args.output) if args.output else REPO / "bench" / "results" / f"layer-{args.device}-{tag}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    tag = args.tag or layer_tag(args, f"E{args.E}k{args.k}r{args.r}")
+    write_json(text, args.output, f"layer-{args.device}-{tag}.json")
 
 
 if __name__ == "__main__":

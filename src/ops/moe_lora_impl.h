@@ -46,13 +46,18 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_aten(const at::Tensor& logits,
                                                                    int64_t top_k);
 
-// The public forward for backends without autograd in play: the forward above
-// minus lora_hidden.
-std::tuple<at::Tensor, at::Tensor> moe_lora_aten(
+// The public op (mola::moe_lora) of a backend whose _moe_lora_forward is
+// `Forward`: the same call minus lora_hidden, for callers without autograd.
+template <auto Forward>
+std::tuple<at::Tensor, at::Tensor> forward_without_hidden(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
     double scaling, double dropout_p, bool training, int64_t compute,
-    const std::optional<at::Tensor>& dropout_seed);
+    const std::optional<at::Tensor>& dropout_seed) {
+  auto [y, logits, hidden] = Forward(x, weight, bias, router, lora_a, lora_b, top_k, scaling,
+                                     dropout_p, training, compute, dropout_seed);
+  return {y, logits};
+}
 
 // The dtype routing and its reductions run in: fp32 for fp32 and narrower
 // inputs (the authors' fp32 softmax, methods.md 1.1), fp64 for fp64 inputs so

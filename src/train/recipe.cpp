@@ -9,7 +9,9 @@
 #include <sys/stat.h>
 
 #include <fstream>
+#include <limits>
 #include <sstream>
+#include <type_traits>
 
 namespace mola::train {
 namespace {
@@ -56,6 +58,16 @@ void check_keys(const nlohmann::json& j, const std::string& section, const std::
 template <class T>
 T get(const nlohmann::json& j, const std::string& section, const std::string& key, const T& fallback) {
   if (!j.contains(key)) return fallback;
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    // nlohmann converts a float to an integer with a plain cast, undefined
+    // for 1e30 and silent for 2.5: an integer field takes integers only.
+    const nlohmann::json& v = j.at(key);
+    if (!v.is_number_integer() ||
+        (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<T>::max()))) {
+      fail("recipe: ", quote(section + "." + key), " must be a whole number (at most ",
+           std::numeric_limits<T>::max(), "); got ", v.dump());
+    }
+  }
   try {
     return j.at(key).get<T>();
   } catch (const nlohmann::json::exception&) {

@@ -122,17 +122,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
   return {y.view(y_shape), logits, hidden};
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_lora_aten(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
-    double scaling, double dropout_p, bool training, int64_t compute,
-    const std::optional<at::Tensor>& dropout_seed) {
-  auto [y, logits, hidden] = moe_lora_forward_aten(x, weight, bias, router, lora_a, lora_b, top_k,
-                                                   scaling, dropout_p, training, compute,
-                                                   dropout_seed);
-  return {y, logits};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_router_logits,
                        const at::Tensor& x, const at::Tensor& weight, const at::Tensor& router,
@@ -265,7 +254,7 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
 }  // namespace mola::detail
 
 TORCH_LIBRARY_IMPL(mola, CPU, m) {
-  m.impl("moe_lora", &mola::detail::moe_lora_aten);
+  m.impl("moe_lora", &mola::detail::forward_without_hidden<&mola::detail::moe_lora_forward_aten>);
   m.impl("_moe_lora_forward", &mola::detail::moe_lora_forward_aten);
   m.impl("_moe_lora_backward", &mola::detail::moe_lora_backward_aten);
 }

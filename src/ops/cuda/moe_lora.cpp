@@ -123,6 +123,21 @@ Sorted sort_slots(const at::Tensor& idx, int64_t E) {
   return s;
 }
 
+// The fields GroupedShrinkParams and GroupedWeightGradParams share: the
+// sorted segments, the sizes (input [T, in_features]) and the dropout.
+template <typename Params>
+void set_segment_fields(Params& p, const at::Tensor& input, const Sorted& sorted, int64_t top_k,
+                        int64_t E, int64_t r, const k::GroupedDropout& drop) {
+  p.sorted_slots = sorted.slots;
+  p.expert_offsets = sorted.expert_offsets;
+  p.num_tokens = input.size(0);
+  p.top_k = static_cast<int>(top_k);
+  p.num_experts = static_cast<int>(E);
+  p.rank = static_cast<int>(r);
+  p.in_features = input.size(1);
+  p.dropout = drop;
+}
+
 // out[s, :] = in~[s / k] W_e^T for every slot s (GroupedShrinkParams).
 at::Tensor grouped_shrink(const at::Tensor& input, const at::Tensor& weight,
                           std::array<int64_t, 3> strides_erk, const Sorted& sorted,
@@ -137,15 +152,8 @@ at::Tensor grouped_shrink(const at::Tensor& input, const at::Tensor& weight,
   p.w_stride_r = strides_erk[1];
   p.w_stride_k = strides_erk[2];
   p.out = out.mutable_data_ptr();
-  p.sorted_slots = sorted.slots;
-  p.expert_offsets = sorted.expert_offsets;
   p.tile_offsets = sorted.tile_offsets;
-  p.num_tokens = T;
-  p.top_k = static_cast<int>(top_k);
-  p.num_experts = static_cast<int>(E);
-  p.rank = static_cast<int>(r);
-  p.in_features = input.size(1);
-  p.dropout = drop;
+  set_segment_fields(p, input, sorted, top_k, E, r, drop);
   dispatch(input.scalar_type(), [&](auto tag) {
     return k::launch_grouped_shrink<decltype(tag)>(p, stream());
   });
@@ -197,14 +205,7 @@ at::Tensor grouped_weight_grad(const at::Tensor& input, const at::Tensor& v, con
   p.g_stride_e = strides_ecr[0];
   p.g_stride_c = strides_ecr[1];
   p.g_stride_r = strides_ecr[2];
-  p.sorted_slots = sorted.slots;
-  p.expert_offsets = sorted.expert_offsets;
-  p.num_tokens = input.size(0);
-  p.top_k = static_cast<int>(top_k);
-  p.num_experts = static_cast<int>(E);
-  p.rank = static_cast<int>(r);
-  p.in_features = input.size(1);
-  p.dropout = drop;
+  set_segment_fields(p, input, sorted, top_k, E, r, drop);
   dispatch(input.scalar_type(), [&](auto tag) {
     return k::launch_grouped_weight_grad<decltype(tag)>(p, stream());
   });
@@ -244,6 +245,23 @@ void dropout_pass(const at::Tensor& x, at::Tensor* x_out, const at::Tensor* grad
   dispatch(x.scalar_type(), [&](auto tag) { return k::launch_dropout<decltype(tag)>(p, stream()); });
 }
 
+// What forward and backward both start from: the strategy, the adapter
+// contiguous, and x as [T, in] with unit column stride (the kernels take a
+// row stride only).
+struct Operands {
+  int64_t mode;
+  at::Tensor router, lora_a, lora_b, X;
+};
+
+Operands prepare(const at::Tensor& x, const at::Tensor& router, const at::Tensor& lora_a,
+                 const at::Tensor& lora_b, int64_t compute) {
+  const int64_t mode = static_cast<int64_t>(ops::resolve_compute(
+      static_cast<ops::Compute>(compute), router.size(0), lora_a.size(1)));
+  at::Tensor X = x.reshape({-1, x.size(-1)});
+  if (X.stride(1) != 1) X = X.contiguous();
+  return {mode, router.contiguous(), lora_a.contiguous(), lora_b.contiguous(), X};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& router_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
@@ -258,12 +276,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
                                  dropout_p, training, compute, dropout_seed);
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t mode = static_cast<int64_t>(
-      ops::resolve_compute(static_cast<ops::Compute>(compute), E, r));
-  const at::Tensor router = router_in.contiguous(), lora_a = lora_a_in.contiguous();
-  const at::Tensor lora_b = lora_b_in.contiguous();
-  at::Tensor X = x.reshape({-1, in});
-  if (X.stride(1) != 1) X = X.contiguous();  // the kernels take a row stride only
+  const Operands ops_in = prepare(x, router_in, lora_a_in, lora_b_in, compute);
+  const int64_t mode = ops_in.mode;
+  const at::Tensor &router = ops_in.router, &lora_a = ops_in.lora_a, &lora_b = ops_in.lora_b;
+  const at::Tensor& X = ops_in.X;
   const int64_t T = X.size(0);
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out;
@@ -324,17 +340,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
   return {y.view(y_shape), logits, hidden};
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_lora_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
-    double scaling, double dropout_p, bool training, int64_t compute,
-    const std::optional<at::Tensor>& dropout_seed) {
-  auto [y, logits, hidden] = moe_lora_forward_cuda(x, weight, bias, router, lora_a, lora_b, top_k,
-                                                   scaling, dropout_p, training, compute,
-                                                   dropout_seed);
-  return {y, logits};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 moe_lora_backward_cuda(const at::Tensor& grad_y,
                        const std::optional<at::Tensor>& grad_router_logits, const at::Tensor& x,
@@ -352,12 +357,10 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
                                   training, compute, dropout_seed, output_mask);
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t mode = static_cast<int64_t>(
-      ops::resolve_compute(static_cast<ops::Compute>(compute), E, r));
-  const at::Tensor router = router_in.contiguous(), lora_a = lora_a_in.contiguous();
-  const at::Tensor lora_b = lora_b_in.contiguous();
-  at::Tensor X = x.reshape({-1, in});
-  if (X.stride(1) != 1) X = X.contiguous();
+  const Operands ops_in = prepare(x, router_in, lora_a_in, lora_b_in, compute);
+  const int64_t mode = ops_in.mode;
+  const at::Tensor &router = ops_in.router, &lora_a = ops_in.lora_a, &lora_b = ops_in.lora_b;
+  const at::Tensor& X = ops_in.X;
   const at::Tensor dY = grad_y.reshape({-1, out}).contiguous();  // [T, out]
   const int64_t T = X.size(0);
   const bool need_x = output_mask[0], need_router = output_mask[3];
@@ -472,7 +475,7 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
 }  // namespace mola::detail
 
 TORCH_LIBRARY_IMPL(mola, CUDA, m) {
-  m.impl("moe_lora", &mola::detail::moe_lora_cuda);
+  m.impl("moe_lora", &mola::detail::forward_without_hidden<&mola::detail::moe_lora_forward_cuda>);
   m.impl("_moe_lora_forward", &mola::detail::moe_lora_forward_cuda);
   m.impl("_moe_lora_backward", &mola::detail::moe_lora_backward_cuda);
 }
