@@ -50,6 +50,14 @@ constexpr int kShrinkK = kUseTensorCores<T> ? 32 : 16;
 template <typename T>
 constexpr int kShrinkPitch = kUseTensorCores<T> ? kShrinkK<T> + 8 : kShrinkK<T> + 1;
 
+// Blocks per SM the register budget targets (ptxas -v, sm_80/sm_90): 2 for
+// the WMMA kernels (they take about 200 registers; capping them at 168 for 3
+// blocks spilled bf16), 4 for float's 8x8 FMA tiles (127 registers, no spill),
+// 1 for double's, whose tiles take twice the registers. To revisit with
+// measured occupancy on an H100 (bench/kernels.py).
+template <typename T>
+constexpr int kShrinkMinBlocks = kUseTensorCores<T> ? 2 : std::is_same_v<T, float> ? 4 : 1;
+
 template <typename T>
 struct ShrinkTiles {
   T x[kShrinkRows][kShrinkPitch<T>];       // raw x, for the router columns
@@ -146,7 +154,7 @@ __device__ __forceinline__ void store_shrink(const FusedShrinkParams& p, int a_p
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kShrinkThreads) fused_shrink_kernel(const FusedShrinkParams p) {
+__global__ void __launch_bounds__(kShrinkThreads, kShrinkMinBlocks<T>) fused_shrink_kernel(const FusedShrinkParams p) {
   constexpr int kK = kShrinkK<T>;
   __shared__ __align__(128) unsigned char smem[kShrinkSmemBytes<T>];
   ShrinkTiles<T>& tiles = *reinterpret_cast<ShrinkTiles<T>*>(smem);
