@@ -90,6 +90,12 @@ __device__ __forceinline__ acc_t<T> round_to(acc_t<T> v) {
   return to_acc(from_acc<T>(v));
 }
 
+// A product rounded on its own: never contracted with a following add into an
+// FMA (nvcc contracts by default), where ATen rounds the product as a tensor
+// before the sum.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 // Butterfly (xor) reductions: every lane ends with the result, so no broadcast
 // is needed afterwards.
 __device__ __forceinline__ float warp_sum(float v) {

@@ -442,8 +442,10 @@ __global__ void __launch_bounds__(kElementwiseThreads) dropout_kernel(const Drop
           philox::u32_to_uniform(philox::u32x4_lane(bits, j)) >= p.dropout.p ? scale : 0.0f);
       if (x_out != nullptr) x_out[i] = from_acc<T>(to_acc(x[i]) * m);
       if (grad_x != nullptr) {
-        // ATen: grad_x.add_(dropout(dx~)): the masked term rounded, then the sum.
-        const Acc term = round_to<T>(to_acc(grad_in[i]) * m);
+        // ATen: grad_x.add_(dropout(dx~)): the masked term rounded, then the sum
+        // (mul_rn: for fp32/fp64 round_to is the identity, and an FMA would
+        // round the two once).
+        const Acc term = round_to<T>(mul_rn(to_acc(grad_in[i]), m));
         grad_x[i] = from_acc<T>(p.accumulate ? to_acc(grad_x[i]) + term : term);
       }
     }

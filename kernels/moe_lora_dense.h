@@ -16,7 +16,10 @@
 //                  mask generation for both (the backward's two uses)
 //
 // Numerics as kernels/moe_lora_grouped.h: acc_t<T> arithmetic, one rounding per
-// tensor ATen would also have rounded. Plain C++ (no torch header).
+// tensor ATen would also have rounded, with one exception: gate_backward sums
+// the products du * h of dw in acc_t, where the CPU op rounds each to T first
+// ((dU * h).sum in T's tensor), so for bf16/fp16 dw is the more accurate of the
+// two (both within the tests' dtype tolerances). Plain C++ (no torch header).
 #pragma once
 
 #include <cstdint>

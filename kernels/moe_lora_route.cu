@@ -17,9 +17,10 @@
 // - top-k selection repeated k times as a warp argmax under the total order
 //   (higher probability first, then LOWER expert index), so the slots come out
 //   sorted descending like torch.topk(sorted=True), and ties go to the lower
-//   index, which is what torch.topk does in practice on the CPU (not a
-//   documented guarantee of torch, but ours). A NaN probability ranks above
-//   everything, as in torch.topk; such a row is NaN throughout anyway;
+//   index: mola's contract on every device (the CPU kernel ranks the same way,
+//   the ATen fallback and the balance loss take a stable descending sort;
+//   torch.topk's order among ties is unspecified and differs by device). A NaN
+//   probability ranks above everything; such a row is NaN throughout anyway;
 // - w = v / sum(v), with the sum taken in slot order (descending), as
 //   `v / v.sum(-1, keepdim=True)` in the authors' code;
 // - k == E is dense routing (design.md 2.3): w = P in expert order, indices

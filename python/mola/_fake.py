@@ -51,7 +51,10 @@ def _moe_lora_backward_fake(grad_y, grad_router_logits, x, weight, router, lora_
                             router_logits, lora_hidden, top_k, scaling, dropout_p, training,
                             compute, dropout_seed, output_mask):
     likes = (x, weight, weight[:, 0], router, lora_a, lora_b)
-    return tuple(torch.empty_like(t) if need else None for t, need in zip(likes, output_mask))
+    # contiguous whatever the inputs' strides: the CPU and CUDA backwards return fresh
+    # contiguous gradients, and inductor plans layouts from this
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) if need else None
+                 for t, need in zip(likes, output_mask))
 
 
 @torch.library.register_fake("mola::moe_lora_route")

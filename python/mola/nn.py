@@ -107,15 +107,14 @@ class MoLALinear(nn.Module):
         keeps the router logits ``[T, E]`` of this call in ``.router_logits``."""
         seed = None
         if self.training and self.dropout > 0.0:
-            # A fresh mask per call from torch's CPU generator (torch.manual_seed
-            # repeats it); the op regenerates the mask from it in backward.
-            # While a CUDA graph is being captured, the seed is drawn on the
-            # device instead: the kernels read it there, so every replay gets
-            # a new mask rather than the one baked in at capture.
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x.device)
-            else:
-                seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+            # A fresh mask per call, drawn on x's device from torch's generator
+            # there (torch.manual_seed repeats it); the op regenerates the mask
+            # from it in backward. On CUDA the kernels read the seed on the
+            # device: no host sync, and every replay of a captured CUDA graph
+            # draws a new mask rather than the one baked in at capture. (No
+            # query of the capture state here: torch.compile cannot trace it.)
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64,
+                                 device=x.device if x.is_cuda else None)
         y, logits = torch.ops.mola.moe_lora(
             x, self.base.weight, self.base.bias, self.router, self.lora_a, self.lora_b,
             self.top_k, self.scaling, self.dropout, self.training, self._compute_code, seed)

@@ -64,6 +64,10 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(const MoLALinearOptions& o, b
   if (training && o.dropout() > 0.0) {
     // A fresh mask per call, drawn from torch's default generator (so
     // torch::manual_seed makes runs repeat); the op regenerates it in backward.
+    // The CPU generator on every device: gradient checkpointing
+    // (src/models/checkpoint.cpp) replays its state. On CUDA the value then
+    // travels to the kernels by value, so a CUDA graph captured around this
+    // module would replay one mask (the Python module draws on the device).
     seed = at::randint(std::numeric_limits<int64_t>::max(), {1}, at::TensorOptions(at::kLong));
   }
   return ops::moe_lora(x, weight, bias, router, lora_a, lora_b, o.top_k(), o.alpha() / static_cast<double>(o.rank()),

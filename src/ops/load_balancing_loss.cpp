@@ -37,7 +37,11 @@ at::Tensor load_balancing_loss_impl(at::TensorList router_logits, at::IntArrayRe
     TORCH_CHECK_VALUE(k >= 1 && k <= E, "load_balancing_loss: top_k[", l, "] (", k,
                       ") must be between 1 and that layer's number of experts (", E, ")");
     at::Tensor P = at::softmax(logits.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat), -1);  // [N, E]
-    at::Tensor sel = std::get<1>(P.detach().topk(k, -1)).reshape({-1});  // [N*k]
+    // The experts the routing picked: a stable descending sort, so ties go to the
+    // lower index as in moe_lora_route (topk's order among ties is unspecified).
+    at::Tensor sel = std::get<1>(P.detach().sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true))
+                         .narrow(-1, 0, k)
+                         .reshape({-1});  // [N*k]
     // Sizes go through SymInt and f is normalised by its own total (N*k routed
     // slots, or the unmasked ones), so the op traces with dynamic shapes.
     at::Tensor slot_weight = at::ones_like(sel, P.options());           // [N*k]

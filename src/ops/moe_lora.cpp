@@ -140,8 +140,10 @@ void check_moe_lora_args(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, "moe_lora: top_k (", top_k,
                     ") must be between 1 and the number of experts (", E,
                     "); lower top_k or add experts");
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "moe_lora: dropout_p (", dropout_p,
-                    ") must be in [0, 1)");
+  // The mask is made in float (kernels/philox.h), so p must stay below 1 there too:
+  // a p within 2^-25 of 1 passes a double check but rounds to 1.0f.
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && static_cast<float>(dropout_p) < 1.0f, "moe_lora: dropout_p (",
+                    dropout_p, ") must be in [0, 1) and below 1 in float; use a smaller dropout");
   TORCH_CHECK_VALUE(compute >= 0 && compute <= 2, "moe_lora: compute (", compute,
                     ") must be 0 (auto), 1 (dense) or 2 (grouped)");
   for (const at::Tensor* t : {&weight, &router, &lora_a, &lora_b}) {
@@ -162,6 +164,9 @@ void check_moe_lora_args(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK_VALUE(dropout_seed->scalar_type() == at::kLong && dropout_seed->numel() == 1,
                       "moe_lora: dropout_seed must be an int64 tensor of one element; got ",
                       dropout_seed->scalar_type(), " with ", dropout_seed->numel(), " elements");
+    TORCH_CHECK_VALUE(dropout_seed->is_cpu() || dropout_seed->device() == x.device(),
+                      "moe_lora: dropout_seed is on ", dropout_seed->device(), " but x is on ",
+                      x.device(), "; draw the seed on the CPU or on x's device");
   }
 }
 

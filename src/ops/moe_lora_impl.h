@@ -41,8 +41,9 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
                        int64_t compute, const std::optional<at::Tensor>& dropout_seed,
                        std::array<bool, 6> output_mask);
 
-// Routing in ATen on any device: the CPU kernel of moe_lora_route, and the CUDA
-// fallback for what the routing kernel does not take (fp64, more than 256 experts).
+// Routing in ATen on any device: the CUDA fallback for what the routing kernel
+// does not take (fp64, more than 256 experts). The CPU has its own one-pass
+// kernel with the same numerics (src/ops/cpu/moe_lora_route.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_aten(const at::Tensor& logits,
                                                                    int64_t top_k);
 

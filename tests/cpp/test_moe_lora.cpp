@@ -6,11 +6,16 @@
 
 #include <philox.h>
 
+#include "ops/cpu/dropout.h"
+#include "ops/moe_lora_impl.h"
+
 #include <gtest/gtest.h>
+#include <cmath>
 #include <torch/torch.h>
 
 namespace {
 
+using mola::detail::DropoutIsa;
 using mola::ops::Compute;
 
 struct Case {
@@ -147,11 +152,46 @@ TEST(MoLALinear, StartsAsTheBaseLayerAndTrainsOnlyTheAdapter) {
 }
 
 TEST(LoadBalancingLoss, UniformRoutingGivesOnePerLayer) {
-  // Equal logits: P = 1/E everywhere and topk picks ties by index, so f is not
+  // Equal logits: P = 1/E everywhere and ties go to the lower index, so f is not
   // uniform but Pbar is; E * sum f_e / E = 1 per layer whatever f is.
   auto logits = torch::zeros({10, 4});
   auto loss = mola::ops::load_balancing_loss({logits, torch::zeros({6, 2})}, {2, 1}, 0.5);
   EXPECT_NEAR(loss.item<double>(), 0.5 * 2.0, 1e-6);
+}
+
+// Ties in the routing: the CPU kernel and the ATen composition (the CUDA
+// fallback for fp64 and E > 256) pick the same experts, the lower index first,
+// and the balance loss counts those same experts. (torch.topk's order among
+// ties is unspecified: [1, 0, 0, 0, 0, 0, 0, 0] with k = 2 gave experts 0 and 6.)
+TEST(Route, TiesGoToTheLowerExpertOnEveryPath) {
+  auto logits = torch::tensor({1, 0, 0, 0, 0, 0, 0, 0,  //
+                               0, 0, 0, 0, 0, 0, 0, 0,  //
+                               2, 2, 1, 1, 1, 2, 0, 0,  //
+                               -1, 3, 3, 3, -1, 0, 3, 0},
+                              torch::kFloat32)
+                    .view({4, 8});
+  logits = torch::cat({logits, torch::randn({60, 8})}, 0);  // and rows without ties
+  for (const int64_t k : {1, 2, 3, 8}) {
+    auto [w, idx, gate] = mola::ops::moe_lora_route(logits, k);
+    auto [w_ref, idx_ref, gate_ref] = mola::detail::moe_lora_route_aten(logits, k);
+    ASSERT_TRUE(torch::equal(idx, idx_ref)) << "k = " << k;
+    EXPECT_TRUE(torch::allclose(w, w_ref, 1e-6, 1e-7)) << "k = " << k;
+    EXPECT_TRUE(torch::allclose(gate, gate_ref, 1e-6, 1e-7)) << "k = " << k;
+  }
+  auto [w, idx, gate] = mola::ops::moe_lora_route(logits, 2);
+  EXPECT_EQ(idx[0][0].item<int64_t>(), 0);
+  EXPECT_EQ(idx[0][1].item<int64_t>(), 1);
+  EXPECT_EQ(idx[1][0].item<int64_t>(), 0);
+  EXPECT_EQ(idx[1][1].item<int64_t>(), 1);
+  EXPECT_EQ(idx[3][0].item<int64_t>(), 1);
+  EXPECT_EQ(idx[3][1].item<int64_t>(), 2);
+  // The balance loss from the routed experts by hand: E * sum_e f_e * Pbar_e.
+  const int64_t N = logits.size(0), E = 8;
+  auto f = torch::bincount(idx.reshape({-1}), {}, E).to(torch::kFloat64) / static_cast<double>(N * 2);
+  auto pbar = torch::softmax(logits.to(torch::kFloat64), -1).mean(0);
+  const double want = static_cast<double>(E) * (f * pbar).sum().item<double>();
+  auto loss = mola::ops::load_balancing_loss({logits}, {2}, 1.0);
+  EXPECT_NEAR(loss.item<double>(), want, 1e-6);
 }
 
 }  // namespace
@@ -181,6 +221,34 @@ TEST(DropoutMask, BlockGeneratorEqualsTheScalarDefinition) {
   auto [y, logits] = mola::ops::moe_lora(X, W, std::nullopt, Wr, A, B, 1, 1.0, p, true,
                                          Compute::kDense, torch::tensor({seed}));
   EXPECT_TRUE(torch::equal(y, X * mask.to(torch::kFloat64)));
+}
+
+// Every block generator this CPU can run (scalar, AVX2, AVX-512) against the
+// scalar definition, on a size with a partial last block, for p at the edges of
+// the integer keep threshold: 0, one step of 2^-24, values whose p * 2^24 is and
+// is not an integer, and p close to 1.
+TEST(DropoutMask, EveryBlockGeneratorEqualsTheScalarDefinition) {
+  const uint64_t seed = 0xfedcba9876543210ULL;
+  const int64_t rows = 37, cols = 211;  // 7807 elements: 121 blocks of 64 and 63 over
+  const std::vector<DropoutIsa> isas = mola::detail::dropout_isas();
+  ASSERT_EQ(isas.front(), DropoutIsa::kScalar);
+  for (const float p : {0.0f, 5.9604644775390625e-08f, 0.05f, 0.1f, 0.25f, 0.5f, 0.999f}) {
+    const float scale = mola::philox::dropout_scale(p);
+    for (const DropoutIsa isa : isas) {
+      at::Tensor mask = mola::detail::dropout_mask_values_cpu(seed, rows, cols, p, isa);
+      const float* m = mask.data_ptr<float>();
+      int64_t kept = 0;
+      for (int64_t i = 0; i < rows * cols; ++i) {
+        const bool keep = mola::philox::dropout_keep(seed, static_cast<uint64_t>(i), p);
+        ASSERT_EQ(m[i], keep ? scale : 0.0f)
+            << "isa " << static_cast<int>(isa) << ", p " << p << ", element " << i;
+        kept += keep;
+      }
+      // The mask is the dropout it claims: the kept share is 1 - p to within 5 sigma.
+      const double n = static_cast<double>(rows * cols);
+      EXPECT_NEAR(kept / n, 1.0 - p, 5.0 * std::sqrt(p * (1.0 - p) / n) + 1e-12);
+    }
+  }
 }
 
 }  // namespace

@@ -338,6 +338,38 @@ def test_route_matches_reference(num_experts, top_k, dtype):
     torch.testing.assert_close(weights.double().sum(-1), torch.ones(33, dtype=torch.float64), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_route_ties_go_to_the_lower_expert(dtype):
+    # The routing contract on ties (the CPU kernel and the CUDA one): slots sorted by
+    # probability, equal probabilities in expert order, w renormalised over the chosen.
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0],
+                           [1.0, 3.0, 3.0, 1.0],
+                           [2.0, -1.0, 2.0, 2.0]], dtype=dtype)
+    weights, indices, gate = torch.ops.mola.moe_lora_route(logits, 3)
+    assert indices.tolist() == [[0, 1, 2], [1, 2, 0], [0, 2, 3]]
+    P = torch.softmax(logits.double(), -1)
+    expected_w = P.gather(1, indices) / P.gather(1, indices).sum(-1, keepdim=True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(weights.double(), expected_w, rtol=tol, atol=tol)
+    torch.testing.assert_close(gate.double(), torch.zeros_like(P).scatter(1, indices, expected_w),
+                               rtol=tol, atol=tol)
+    # k == E: dense, the softmax itself in expert order
+    weights, indices, gate = torch.ops.mola.moe_lora_route(logits, 4)
+    assert indices.tolist() == [[0, 1, 2, 3]] * 3
+    torch.testing.assert_close(weights.double(), P, rtol=tol, atol=tol)
+    torch.testing.assert_close(gate, weights)
+
+
+def test_route_strided_logits():
+    # a transposed view: the kernel reads through both strides
+    base = torch.randn(6, 40)
+    logits = base.t()  # [40, 6], column stride 40
+    got = torch.ops.mola.moe_lora_route(logits, 2)
+    want = torch.ops.mola.moe_lora_route(logits.contiguous(), 2)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------
 # mola.MoLALinear
 

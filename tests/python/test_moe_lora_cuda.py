@@ -466,3 +466,38 @@ def test_two_runs_are_bit_identical(dtype, compute):
     second = run_op(case, tensors, DEVICE, dtype, compute, 0.1, seed)
     for name in first:
         assert torch.equal(first[name], second[name]), f"{name} differs between two runs"
+
+
+def test_seed_on_another_device_is_refused():
+    # x on the CPU with a CUDA seed would reach the CUDA kernels with host pointers;
+    # the op names both devices and the fix instead
+    gen = torch.Generator().manual_seed(3)
+    x, weight, router = (torch.randn(s, generator=gen) for s in ((5, 8), (6, 8), (4, 8)))
+    lora_a, lora_b = torch.randn(4, 2, 8, generator=gen), torch.randn(4, 6, 2, generator=gen)
+    seed = torch.tensor([11], device=DEVICE)
+    with pytest.raises((RuntimeError, ValueError), match="dropout_seed is on cuda"):
+        torch.ops.mola.moe_lora(x, weight, None, router, lora_a, lora_b, 2, SCALING, 0.1, True,
+                                DENSE, seed)
+
+
+def test_backward_casts_gradients_to_the_dtype_of_x():
+    # a direct call of the backward op with fp32 gradients for a bf16 layer: the kernels
+    # read every operand as x's dtype, so the op casts (autograd does so on its own)
+    gen = torch.Generator().manual_seed(4)
+    T, din, dout, E, r, k = 9, 16, 12, 4, 4, 2
+    vals = [torch.randn(s, generator=gen) for s in ((T, din), (dout, din), (E, din), (E, r, din),
+                                                   (E, dout, r), (T, dout), (T, E))]
+    x, w, router, a, b, gy, gl = (v.to(DEVICE) for v in vals)
+    bf = [t.to(torch.bfloat16) for t in (x, w, router, a, b)]
+    for compute in (DENSE, GROUPED):
+        y, logits, hidden = torch.ops.mola._moe_lora_forward(*bf[:2], None, *bf[2:], k, SCALING,
+                                                             0.0, False, compute, None)
+        mask = [True, False, False, True, True, True]
+        got = torch.ops.mola._moe_lora_backward(gy, gl, *bf[:2], *bf[2:], logits, hidden, k,
+                                                SCALING, 0.0, False, compute, None, mask)
+        want = torch.ops.mola._moe_lora_backward(gy.bfloat16(), gl.bfloat16(), *bf[:2], *bf[2:],
+                                                 logits, hidden, k, SCALING, 0.0, False, compute,
+                                                 None, mask)
+        for g, wnt in zip(got, want):
+            if wnt is not None:
+                assert torch.equal(g, wnt)

@@ -218,3 +218,23 @@ def test_compile_reduce_overhead_matches_eager():
                                        msg=lambda m: f"call {i}, output {j}: {m}")
     skips = counters["inductor"]["cudagraph_skips"]
     assert skips == 0, f"inductor skipped CUDA graphs {skips} time(s); its log says why"
+
+
+def test_compile_fullgraph_with_dropout_draws_the_seed_on_the_device():
+    # MoLALinear draws its dropout seed with torch.randint on x's device: traceable (one
+    # graph, no break) and the same draw as eager from the same torch.manual_seed
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = mola.MoLALinear(nn.Linear(40, 48), 4, 2, 8, dropout=0.1, compute="dense").to(DEVICE)
+    with torch.no_grad():
+        layer.lora_b.normal_(0.0, 0.3)
+    layer.train()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(37, 40, device=DEVICE)
+    torch.manual_seed(5)
+    got = compiled(x)
+    torch.manual_seed(5)
+    want = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    layer.eval()
+    assert not torch.equal(want, layer(x)), "training applied no dropout"

@@ -87,7 +87,7 @@ def test_weights_sum_to_one_and_gate_matches_weights():
 
 
 def test_ties_go_to_lower_index():
-    # Documented choice of the kernel (and what torch.topk does on the CPU in practice).
+    # mola's contract on every device (kernels/moe_lora_route.cu); torch.topk's tie order differs.
     logits = torch.zeros(5, 12, device="cuda")
     w, i, g = torch.ops.mola.moe_lora_route(logits, 3)
     assert i.tolist() == [[0, 1, 2]] * 5
@@ -139,3 +139,19 @@ def test_fallback_outside_the_kernel_matches_cpu(experts, dtype):
     torch.testing.assert_close(w.cpu(), w_ref)
     assert torch.equal(i.cpu(), i_ref)
     torch.testing.assert_close(g.cpu(), g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_ties_match_the_cpu(dtype):
+    # Rows with exact ties at and around the k-th place (equal logits, an all-zero row):
+    # the CUDA kernel (or, for fp64, the ATen fallback) picks what the CPU picks.
+    logits = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0],
+                           [0, 0, 0, 0, 0, 0, 0, 0],
+                           [2, 2, 1, 1, 1, 2, 0, 0],
+                           [-1, 3, 3, 3, -1, 0, 3, 0]], dtype=dtype)
+    for k in (1, 2, 3, 8):
+        want = torch.ops.mola.moe_lora_route(logits, k)
+        got = torch.ops.mola.moe_lora_route(logits.cuda(), k)
+        assert torch.equal(got[1].cpu(), want[1]), f"k={k}: {got[1].tolist()} vs {want[1].tolist()}"
+        torch.testing.assert_close(got[0].cpu(), want[0])
+        torch.testing.assert_close(got[2].cpu(), want[2])

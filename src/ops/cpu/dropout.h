@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace mola::detail {
 
@@ -24,5 +25,13 @@ at::Tensor dropout_apply_pair_cpu(const at::Tensor& x, at::Tensor& grad, uint64_
 
 // The multiplier itself as float [rows, cols]: 0 or 1/(1-p).
 at::Tensor dropout_mask_values_cpu(uint64_t seed, int64_t rows, int64_t cols, double p);
+
+// The block generators (64 elements at a time), picked at run time: the widest
+// this CPU has. Every one gives the bits of the scalar definition in
+// kernels/philox.h; the overload below runs a given one, for the tests.
+enum class DropoutIsa { kScalar, kAvx2, kAvx512 };
+std::vector<DropoutIsa> dropout_isas();  // those this CPU can run, narrowest first
+at::Tensor dropout_mask_values_cpu(uint64_t seed, int64_t rows, int64_t cols, double p,
+                                   DropoutIsa isa);
 
 }  // namespace mola::detail

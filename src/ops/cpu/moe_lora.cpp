@@ -141,16 +141,20 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
   const bool need_x = output_mask[0], need_router = output_mask[3];
   const bool need_a = output_mask[4], need_b = output_mask[5];
 
+  const bool dropout = dropout_active(dropout_p, training);
+  // Dense with dropout on the CPU: grad_x starts as the masked expert term and
+  // dy W accumulates into it (beta = 1), which saves an add pass over [T, in].
+  const bool dx_on_experts = need_x && mode == kDense && dropout && X.device().is_cpu();
+
   at::Tensor grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b;
   if (output_mask[1]) grad_weight = at::mm(dY.t(), X);
   if (output_mask[2]) grad_bias = dY.sum(0);
-  if (need_x) grad_x = at::mm(dY, weight);  // base: dy W
+  if (need_x && !dx_on_experts) grad_x = at::mm(dY, weight);  // base: dy W
   if (!(need_x || need_router || need_a || need_b)) {
     return {grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b};
   }
 
   auto [w, idx, gate] = ops::moe_lora_route(router_logits, top_k);
-  const bool dropout = dropout_active(dropout_p, training);
   at::Tensor Xd;  // x~ [T, in], regenerated from the seed when a product needs it
   bool dXd_masked = false;  // whether dXd already went through the dropout mask
   if (need_a && mode != kDense) Xd = dropout_input(X, dropout_p, training, dropout_seed);
@@ -164,8 +168,10 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
     at::Tensor g = (gate * scaling).to(dtype).unsqueeze(-1);  // [T, E, 1]
     at::Tensor dU3 = at::mm(dY, B_cat).view({T, E, r});     // du = dy B_cat
     if (need_b) {
+      // dB_cat^T = u^T dy, [E*r, out]: with the long T reduction as the inner
+      // dimension of both operands this is ~15 % faster on MKL than dy^T u.
       at::Tensor u = (h3 * g).view({T, E * r});
-      grad_b = at::mm(dY.t(), u).view({out, E, r}).permute({1, 0, 2}).contiguous();
+      grad_b = at::mm(u.t(), dY).view({E, r, out}).transpose(1, 2).contiguous();
     }
     dH = (dU3 * g).view({T, E * r});                        // dh = s g (.) du
     // dg[t, e] = s * sum_r du * h, reduced in the routing dtype (fp32 or wider)
@@ -183,14 +189,20 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
         Xd = dropout_input(X, dropout_p, training, dropout_seed);
       }
       if (need_a) grad_a = at::mm(dH.t(), Xd).view({E, r, in});
+      if (dx_on_experts) {
+        if (!dXd_masked) dropout_apply_cpu_(dXd, static_cast<uint64_t>(read_dropout_seed(dropout_seed)),
+                                            dropout_p);
+        grad_x = dXd.addmm_(dY, weight);  // m (.) (dH A_cat) + dy W
+        dXd = at::Tensor();
+      }
     }
   } else {
     at::Tensor h2 = lora_hidden.reshape({T * top_k, r});
     at::Tensor ws = (w.reshape({-1}) * scaling).to(dtype);  // [T*k]
     at::Tensor dw_flat = at::zeros({T * top_k}, X.options().dtype(rdtype));
     if (need_x) dXd = at::zeros({T, in}, X.options());
-    if (need_a) grad_a = at::zeros_like(lora_a);
-    if (need_b) grad_b = at::zeros_like(lora_b);
+    if (need_a) grad_a = at::zeros(lora_a.sizes(), lora_a.options());  // contiguous, as the fake
+    if (need_b) grad_b = at::zeros(lora_b.sizes(), lora_b.options());
     const ExpertSegments seg = segment_by_expert(idx, E);
     int64_t start = 0;
     for (int64_t e = 0; e < E; ++e) {

@@ -52,14 +52,17 @@ void dispatch(at::ScalarType dtype, Fn&& fn) {
 }
 
 // Whether the kernels take this call; otherwise the ATen composition runs.
-bool kernels_cover(const at::Tensor& x, int64_t num_experts, int64_t rank, int64_t top_k) {
+// (A layer with no input or output features, which the kernels' launchers
+// refuse, runs there too: it has nothing to compute.)
+bool kernels_cover(const at::Tensor& x, int64_t out_features, int64_t num_experts, int64_t rank,
+                   int64_t top_k) {
   const auto dtype = x.scalar_type();
   const bool dtype_ok = dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
                         dtype == at::kBFloat16;
   const int64_t tokens = x.numel() / std::max<int64_t>(x.size(-1), 1);
   return dtype_ok && num_experts <= k::kGroupedMaxExperts &&
          num_experts <= k::kMoeLoraRouteMaxExperts && rank <= k::kGroupedMaxRank &&
-         tokens * top_k < (int64_t{1} << 31) && tokens > 0;
+         tokens * top_k < (int64_t{1} << 31) && tokens > 0 && out_features > 0;
 }
 
 // The dropout parameters the kernels take: a CUDA seed tensor is passed by
@@ -271,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
                       training, compute, dropout_seed);
   const int64_t in = x.size(-1), out = weight.size(0), E = router_in.size(0);
   const int64_t r = lora_a_in.size(1);
-  if (!kernels_cover(x, E, r, top_k)) {
+  if (!kernels_cover(x, out, E, r, top_k)) {
     return moe_lora_forward_aten(x, weight, bias, router_in, lora_a_in, lora_b_in, top_k, scaling,
                                  dropout_p, training, compute, dropout_seed);
   }
@@ -332,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
     // h[s] = x~[t] A_e^T: W(e, rr, kk) = A[e, rr, kk].
     hidden = grouped_shrink(X, lora_a, {r * in, in, 1}, sorted, top_k, E, r, drop);
     // y[t] += sum_j s w_j h[t, j] B_e^T: W(e, c, rr) = B[e, c, rr].
-    at::Tensor w_flat = w.reshape({-1});
+    at::Tensor w_flat = w.reshape({-1}).contiguous();  // the kernel reads it with unit stride
     grouped_expand(y, hidden, &w_flat, scaling, idx, lora_b, {out * r, r, 1}, E, r,
                    k::GroupedDropout{});
     hidden = hidden.view({T, top_k, r});
@@ -351,7 +354,7 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
                        std::array<bool, 6> output_mask) {
   const int64_t in = x.size(-1), out = weight.size(0), E = router_in.size(0);
   const int64_t r = lora_a_in.size(1);
-  if (!kernels_cover(x, E, r, top_k)) {
+  if (!kernels_cover(x, out, E, r, top_k)) {
     return moe_lora_backward_aten(grad_y, grad_router_logits, x, weight, router_in, lora_a_in,
                                   lora_b_in, router_logits, lora_hidden, top_k, scaling, dropout_p,
                                   training, compute, dropout_seed, output_mask);
@@ -361,7 +364,9 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
   const int64_t mode = ops_in.mode;
   const at::Tensor &router = ops_in.router, &lora_a = ops_in.lora_a, &lora_b = ops_in.lora_b;
   const at::Tensor& X = ops_in.X;
-  const at::Tensor dY = grad_y.reshape({-1, out}).contiguous();  // [T, out]
+  // In x's dtype: autograd casts, a direct call of the op may not, and the kernels
+  // read every operand as one type.
+  const at::Tensor dY = grad_y.reshape({-1, out}).to(x.scalar_type()).contiguous();  // [T, out]
   const int64_t T = X.size(0);
   const bool need_x = output_mask[0], need_router = output_mask[3];
   const bool need_a = output_mask[4], need_b = output_mask[5];
@@ -380,7 +385,7 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
   if (logits.stride(1) != 1) logits = logits.contiguous();
   at::Tensor glogits;  // the gradient reaching the logits directly (balance loss)
   if (grad_router_logits && grad_router_logits->defined()) {
-    glogits = grad_router_logits->reshape({T, E});
+    glogits = grad_router_logits->reshape({T, E}).to(logits.scalar_type());
     if (glogits.stride(1) != 1) glogits = glogits.contiguous();
   }
   const at::Tensor w_flat = w.reshape({-1}).contiguous();  // [T*k], routing dtype
