@@ -16,17 +16,25 @@
 
 namespace mola::detail {
 
+namespace {
+
+void check_route_args(const at::Tensor& logits, int64_t top_k) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "moe_lora_route: router_logits must be [tokens, experts]; got ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= logits.size(1), "moe_lora_route: top_k (", top_k,
+                    ") must be between 1 and the number of experts (", logits.size(1), ")");
+}
+
+}  // namespace
+
 // Softmax over all experts in fp32 (fp64 for fp64 logits), top-k, renormalise over the chosen ones: the
 // authors' routing (methods.md 1.1). With k == E every expert is chosen and the
 // weights are the softmax itself, with no renormalisation (methods.md 1.1:
 // "routing is dense").
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_aten(const at::Tensor& logits,
                                                                    int64_t top_k) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "moe_lora_route: router_logits must be [tokens, experts]; got ",
-                    logits.sizes());
+  check_route_args(logits, top_k);
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, "moe_lora_route: top_k (", top_k,
-                    ") must be between 1 and the number of experts (", E, ")");
   at::Tensor probs = at::softmax(logits.to(routing_dtype(logits.scalar_type())), -1);  // [T, E]
   if (top_k == E) {
     at::Tensor idx = at::arange(E, logits.options().dtype(at::kLong)).expand({T, E}).contiguous();
@@ -111,11 +119,8 @@ void route_rows(const scalar_t* logits, int64_t row_stride, int64_t col_stride, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_cpu(const at::Tensor& logits,
                                                                   int64_t top_k) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "moe_lora_route: router_logits must be [tokens, experts]; got ",
-                    logits.sizes());
+  check_route_args(logits, top_k);
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, "moe_lora_route: top_k (", top_k,
-                    ") must be between 1 and the number of experts (", E, ")");
   const auto acc = routing_dtype(logits.scalar_type());
   at::Tensor weights = at::empty({T, top_k}, logits.options().dtype(acc));
   at::Tensor indices = at::empty({T, top_k}, logits.options().dtype(at::kLong));
