@@ -9,6 +9,9 @@ clock and thermal drift hit every row alike):
   mola_dense    mola.MoLALinear(compute="dense")
   mola_grouped  mola.MoLALinear(compute="grouped")
   mola_auto     mola.MoLALinear(compute="auto")
+  mola_shared   mola.MoLALinear(compute="auto", dropout_masks="shared"): one dropout
+                mask for all of a token's experts (the mola_* rows above draw one per
+                routed expert, as the authors' loop does; with --dropout 0 they are equal)
 Each row reports the median and p10/p90 over --iters timed runs after
 --warmup untimed rounds, and on CUDA the peak memory of one step. The
 targets these numbers are judged by are in shared/design.md section 9.
@@ -38,7 +41,7 @@ sys.path.insert(0, str(REPO))  # for tests.reference
 from tests.reference.authors_loop import ReferenceMoLALinear  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ROWS = ("base", "lora16", "peft_lora16", "loop", "mola_dense", "mola_grouped", "mola_auto")
+ROWS = ("base", "lora16", "peft_lora16", "loop", "mola_dense", "mola_grouped", "mola_auto", "mola_shared")
 
 
 def parse_args(argv=None):
@@ -118,15 +121,15 @@ def build_rows(args, base, device, dtype):
             rows["peft_lora16"] = model
         except ImportError as err:
             rows["peft_lora16"] = f"skipped: peft is not importable ({err})"
-    need_moe = [n for n in ("loop", "mola_dense", "mola_grouped", "mola_auto") if n in wanted]
+    need_moe = [n for n in ("loop", "mola_dense", "mola_grouped", "mola_auto", "mola_shared") if n in wanted]
     if need_moe:
         loop = ReferenceMoLALinear(base, args.E, args.k, args.r, alpha=args.alpha, dropout=args.dropout)
         with torch.no_grad():
             loop.lora_b.normal_(std=0.02)
         if "loop" in wanted:
             rows["loop"] = loop
-        for compute in ("dense", "grouped", "auto"):
-            name = f"mola_{compute}"
+        for name, compute, masks in (("mola_dense", "dense", "per_expert"), ("mola_grouped", "grouped", "per_expert"),
+                                     ("mola_auto", "auto", "per_expert"), ("mola_shared", "auto", "shared")):
             if name not in wanted:
                 continue
             try:
@@ -135,7 +138,8 @@ def build_rows(args, base, device, dtype):
                 rows[name] = f"skipped: mola is not importable ({err}); build it first (make)"
                 continue
             layer = mola.MoLALinear(
-                base, args.E, args.k, args.r, alpha=args.alpha, dropout=args.dropout, compute=compute
+                base, args.E, args.k, args.r, alpha=args.alpha, dropout=args.dropout, compute=compute,
+                dropout_masks=masks,
             )
             layer.to(device=device, dtype=dtype)
             # the same router and experts as the loop, so every MoE row routes identically

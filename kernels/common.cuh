@@ -125,8 +125,8 @@ __device__ __forceinline__ double warp_max(double v) {
 // The dropout multiplier of element i (kernels/philox.h's contract): 0 or
 // 1/(1-p) as float, widened to the arithmetic type.
 template <typename Acc>
-__device__ __forceinline__ Acc dropout_multiplier(uint64_t seed, uint64_t i, float p) {
-  return static_cast<Acc>(philox::dropout_keep(seed, i, p) ? philox::dropout_scale(p) : 0.0f);
+__device__ __forceinline__ Acc dropout_multiplier(uint64_t seed, uint64_t i, float p, uint32_t stream = 0) {
+  return static_cast<Acc>(philox::dropout_keep(seed, i, p, stream) ? philox::dropout_scale(p) : 0.0f);
 }
 
 // The expert id of a routed slot, or -1 when outside [0, E): the grouped

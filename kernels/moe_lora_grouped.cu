@@ -116,12 +116,12 @@ __device__ __forceinline__ void sts4(double* p, const double (&d)[4]) {
 // The dropout multipliers of mask elements i0 .. i0+3 (philox.h): at most two
 // Philox blocks, since four consecutive indices span at most two groups of 4.
 template <typename Acc>
-__device__ __forceinline__ void dropout_multipliers4(uint64_t seed, uint64_t i0, float p,
+__device__ __forceinline__ void dropout_multipliers4(uint64_t seed, uint32_t stream, uint64_t i0, float p,
                                                      Acc (&m)[4]) {
   const float scale = philox::dropout_scale(p);
-  const philox::U32x4 r0 = philox::dropout_bits4(seed, i0 >> 2);
+  const philox::U32x4 r0 = philox::dropout_bits4(seed, i0 >> 2, stream);
   const philox::U32x4 r1 =
-      ((i0 + 3) >> 2) != (i0 >> 2) ? philox::dropout_bits4(seed, (i0 + 3) >> 2) : r0;
+      ((i0 + 3) >> 2) != (i0 >> 2) ? philox::dropout_bits4(seed, (i0 + 3) >> 2, stream) : r0;
   const unsigned off = static_cast<unsigned>(i0 & 3u);
 #pragma unroll
   for (unsigned q = 0; q < 4; ++q) {
@@ -135,13 +135,13 @@ __device__ __forceinline__ void dropout_multipliers4(uint64_t seed, uint64_t i0,
 // x~ values of a group of 4 input elements: widened, and when dropout is on,
 // masked and rounded to T as ATen's x~ tensor is (dropout.h: x * m, rounded once).
 template <typename T>
-__device__ __forceinline__ void masked4(const T (&raw)[4], bool dropout, uint64_t seed,
+__device__ __forceinline__ void masked4(const T (&raw)[4], bool dropout, uint64_t seed, uint32_t stream,
                                         uint64_t i0, float p, acc_t<T> (&out)[4]) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) out[q] = to_acc(raw[q]);
   if (dropout) {
     acc_t<T> m[4];
-    dropout_multipliers4(seed, i0, p, m);
+    dropout_multipliers4(seed, stream, i0, p, m);
 #pragma unroll
     for (int q = 0; q < 4; ++q) out[q] = round_to<T>(out[q] * m[q]);
   }
@@ -197,6 +197,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>())
   const bool w_k_fast = p.w_stride_k == 1 || (p.w_stride_r != 1 && p.w_stride_k < p.w_stride_r);
   const bool dropout = p.dropout.enabled;
   const uint64_t seed = dropout ? load_seed(p.dropout.seed_ptr, p.dropout.seed) : 0;
+  const uint32_t stream = p.dropout.per_expert ? philox::expert_stream(e) : 0u;  // this tile's expert's mask
 
   T xr[kXLoads][4];  // the next K step, prefetched into registers
   T wr[kWLoads];
@@ -230,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>())
       const int id = tid + q * kThreads, row = id / kGroupsPerRow, g = id % kGroupsPerRow;
       const int t = s_tok[row];
       Acc v[4];
-      masked4<T>(xr[q], dropout && t >= 0, seed,
+      masked4<T>(xr[q], dropout && t >= 0, seed, stream,
                  static_cast<uint64_t>(t) * static_cast<uint64_t>(in) + k0 + 4 * g,
                  p.dropout.p, v);
       sts4(&xs[row * kXPitch + 4 * g], v);
@@ -342,6 +343,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int tl = tid / cl_count, cl = tid % cl_count;  // token lane, column lane
   const bool dropout = p.dropout.enabled;
+  const bool per_expert = dropout && p.dropout.per_expert;
   const uint64_t seed = dropout ? load_seed(p.dropout.seed_ptr, p.dropout.seed) : 0;
   T* out = static_cast<T*>(p.out);
 
@@ -369,6 +371,11 @@ __global__ void __launch_bounds__(kThreads, 2)
           const int e = e_s[tl * kj_max + jj];
           if (e < 0) continue;
           const Acc* u = &u_s[(tl * kj_max + jj) * rank4];
+          // Per-expert dropout: this slot's term goes through its expert's mask
+          // on its own (a separate sum, masked, then added); else acc sums the
+          // terms and the one shared mask is applied to the total below.
+          Acc part[4] = {};
+          Acc(&sum)[4] = per_expert ? part : acc;
           for (int rr = 0; rr < rank4; rr += 4) {
             Acc uq[4];
             lds4(u + rr, uq);
@@ -389,7 +396,17 @@ __global__ void __launch_bounds__(kThreads, 2)
                 }
               }
 #pragma unroll
-              for (int q = 0; q < 4; ++q) acc[i] += uq[q] * wq[q];
+              for (int q = 0; q < 4; ++q) sum[i] += uq[q] * wq[q];
+            }
+          }
+          if (per_expert) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int64_t col = c0 + cl + cl_count * i;
+              if (col < p.out_features)
+                acc[i] += part[i] * dropout_multiplier<Acc>(
+                                        seed, static_cast<uint64_t>(t) * static_cast<uint64_t>(p.out_features) + col,
+                                        p.dropout.p, philox::expert_stream(e));
             }
           }
         }
@@ -401,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int64_t col = c0 + cl + cl_count * i;
         if (col >= p.out_features) continue;
         Acc sum = acc[i];
-        if (dropout) {
+        if (dropout && !per_expert) {
           sum *= dropout_multiplier<Acc>(
               seed, static_cast<uint64_t>(t) * static_cast<uint64_t>(p.out_features) + col,
               p.dropout.p);
@@ -441,6 +458,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>())
   const int rp = nj * kRankLanes;
   const bool dropout = p.dropout.enabled;
   const uint64_t seed = dropout ? load_seed(p.dropout.seed_ptr, p.dropout.seed) : 0;
+  const uint32_t stream = p.dropout.per_expert ? philox::expert_stream(e) : 0u;  // this block's expert's mask
 
   T xr[kXLoads][4];  // the next rows, prefetched into registers
   int xt[kXLoads];   // their tokens (-1: past the segment)
@@ -477,7 +495,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>())
     for (int q = 0; q < kXLoads; ++q) {
       const int id = tid + q * kThreads, row = id / kGroupsPerRow, g = id % kGroupsPerRow;
       Acc x[4];
-      masked4<T>(xr[q], dropout && xt[q] >= 0, seed,
+      masked4<T>(xr[q], dropout && xt[q] >= 0, seed, stream,
                  static_cast<uint64_t>(xt[q]) * static_cast<uint64_t>(in) + c0 + 4 * g,
                  p.dropout.p, x);
       sts4(&xs[row * kXPitch + 4 * g], x);

@@ -73,11 +73,15 @@ cudaError_t launch_grouped_sort(const GroupedSortParams& params, cudaStream_t st
 
 // Dropout on a matrix that a kernel reads or writes: mask index row * cols + col
 // of the logical [rows, cols] matrix (philox.h), seed from seed_ptr when non-null.
+// per_expert: the mask of a slot routed to expert e is philox stream
+// expert_stream(e) (each routed expert of a token draws its own mask), else
+// stream 0, the one mask every expert shares.
 struct GroupedDropout {
   bool enabled = false;
   float p = 0.0f;
   uint64_t seed = 0;
   const int64_t* seed_ptr = nullptr;  // device pointer to the seed, or nullptr
+  bool per_expert = false;
 };
 
 // out[s, rr] = sum_kk in~[t, kk] * W[e, rr, kk], s a slot of expert e, t = s / top_k.
@@ -104,6 +108,8 @@ struct GroupedShrinkParams {
 };
 
 // out[t, c] = round(out[t, c] + M(t, c) * sum_j sum_rr u[t*k+j, rr] * W[e_j, c, rr])
+// (per-expert dropout: sum_j M_{e_j}(t, c) * sum_rr ..., each slot's term
+// through its expert's mask)
 // with e_j = indices[t, j], u[s, rr] = round_T(v[s, rr] * round_T(coef[s] * scaling))
 // (coef == nullptr: u = v), M the dropout multiplier (1 when disabled), and
 // the old out value left out when accumulate is false.

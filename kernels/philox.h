@@ -15,13 +15,17 @@
 // vectors.
 //
 // Dropout mask (the contract; the same on CPU and GPU): for a row-major
-// [rows, cols] input, element i = row * cols + col uses
-//   r = philox4x32_10(counter = {lo32(i / 4), hi32(i / 4), 0, 0},
+// [rows, cols] input, element i = row * cols + col of stream s uses
+//   r = philox4x32_10(counter = {lo32(i / 4), hi32(i / 4), s, 0},
 //                     key     = {lo32(seed),  hi32(seed)})[i % 4]
 //   u = float(r >> 8) * 2^-24        (24 random bits, exact in float, [0, 1))
 //   keep  iff u >= float(p);   kept elements are scaled by 1.0f / (1.0f - float(p))
 // So four consecutive elements share one Philox call, which lets vectorised
-// loops (4 elements per thread) pay for one call per group.
+// loops (4 elements per thread) pay for one call per group. The stream picks
+// one of 2^32 independent masks over the same elements: moe_lora's per-expert
+// masks (each routed expert of a token sees its own mask over the token's
+// features, as the MoLA authors' per-expert dropout calls do) are stream e + 1
+// for expert e; the shared mask (one for all experts) is stream 0.
 #pragma once
 
 #include <cstdint>
@@ -89,9 +93,10 @@ MOLA_HD U32x4 philox4x32_10(U32x4 ctr, U32x2 key) {
   return ctr;
 }
 
-// The Philox block for group i4 (elements 4*i4 .. 4*i4+3) of a mask with `seed`.
-MOLA_HD U32x4 dropout_bits4(uint64_t seed, uint64_t i4) {
-  const U32x4 ctr{static_cast<uint32_t>(i4), static_cast<uint32_t>(i4 >> 32), 0u, 0u};
+// The Philox block for group i4 (elements 4*i4 .. 4*i4+3) of a mask with
+// `seed`, in `stream` (0: the shared mask; e + 1: expert e's).
+MOLA_HD U32x4 dropout_bits4(uint64_t seed, uint64_t i4, uint32_t stream = 0) {
+  const U32x4 ctr{static_cast<uint32_t>(i4), static_cast<uint32_t>(i4 >> 32), stream, 0u};
   const U32x2 key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
   return philox4x32_10(ctr, key);
 }
@@ -117,14 +122,17 @@ MOLA_HD uint32_t u32x4_lane(const U32x4& r, unsigned lane) {
 }
 
 // The uniform of element i: lane i % 4 of group i / 4.
-MOLA_HD float dropout_uniform(uint64_t seed, uint64_t i) {
-  return u32_to_uniform(u32x4_lane(dropout_bits4(seed, i >> 2), static_cast<unsigned>(i & 3u)));
+MOLA_HD float dropout_uniform(uint64_t seed, uint64_t i, uint32_t stream = 0) {
+  return u32_to_uniform(u32x4_lane(dropout_bits4(seed, i >> 2, stream), static_cast<unsigned>(i & 3u)));
 }
 
 // Whether element i survives dropout with probability p of being zeroed.
-MOLA_HD bool dropout_keep(uint64_t seed, uint64_t i, float p) {
-  return dropout_uniform(seed, i) >= p;
+MOLA_HD bool dropout_keep(uint64_t seed, uint64_t i, float p, uint32_t stream = 0) {
+  return dropout_uniform(seed, i, stream) >= p;
 }
+
+// The stream of expert e's mask under per-expert dropout (0 is the shared mask's).
+MOLA_HD uint32_t expert_stream(int64_t e) { return static_cast<uint32_t>(e) + 1u; }
 
 // The factor applied to kept elements, 1 / (1 - p) in float (inverted dropout,
 // as torch.nn.functional.dropout). For p >= 1 nothing is kept (u < 1 <= p) and

@@ -176,14 +176,47 @@ size_t edit_distance(const std::string& a, const std::string& b) {
   return row[b.size()];
 }
 
-std::string nearest_name(const std::string& word, const std::vector<std::string>& candidates) {
-  std::string best;
-  size_t best_distance = std::numeric_limits<size_t>::max();
-  for (const auto& c : candidates) {
-    const size_t d = edit_distance(lower(word), lower(c));
-    if (d < best_distance) best_distance = d, best = c;
+namespace {
+size_t common_subsequence(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1, 0);
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = 0;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = a[i - 1] == b[j - 1] ? diag + 1 : std::max(row[j], row[j - 1]);
+      diag = up;
+    }
   }
-  return best;
+  return row[b.size()];
+}
+}  // namespace
+
+std::vector<std::string> names_nearest_first(const std::string& word, const std::vector<std::string>& candidates) {
+  const std::string w = lower(word);
+  struct Scored {
+    double similarity;
+    size_t distance, index;
+  };
+  std::vector<Scored> scored;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    const std::string c = lower(candidates[i]);
+    const size_t total = w.size() + c.size();
+    const double sim = total == 0 ? 1.0 : 2.0 * static_cast<double>(common_subsequence(w, c)) / total;
+    scored.push_back({sim, edit_distance(w, c), i});
+  }
+  std::sort(scored.begin(), scored.end(), [](const Scored& a, const Scored& b) {
+    if (a.similarity != b.similarity) return a.similarity > b.similarity;
+    if (a.distance != b.distance) return a.distance < b.distance;
+    return a.index < b.index;
+  });
+  std::vector<std::string> out;
+  for (const auto& s : scored) out.push_back(candidates[s.index]);
+  return out;
+}
+
+std::string nearest_name(const std::string& word, const std::vector<std::string>& candidates) {
+  const auto ordered = names_nearest_first(word, candidates);
+  return ordered.empty() ? std::string() : ordered.front();
 }
 
 std::array<int64_t, 4> parse_group_spec(const std::string& field, const std::string& spec) {
@@ -311,9 +344,14 @@ std::vector<std::string> AdapterConfig::default_targets() {
 const std::vector<std::string>& AdapterConfig::keys() {
   // The keys of every config; MoLEx configs add molex_keys().
   static const std::vector<std::string> k = {"method",  "experts", "top_k",         "rank",   "alpha",
-                                             "dropout", "targets", "aux_loss_coef", "compute",
+                                             "dropout", "dropout_masks", "targets", "aux_loss_coef", "compute",
                                              "init"};
   return k;
+}
+
+const std::vector<std::string>& AdapterConfig::dropout_masks_modes() {
+  static const std::vector<std::string> m = {"per_expert", "shared"};
+  return m;
 }
 
 const std::vector<std::string>& AdapterConfig::molex_keys() {
@@ -382,6 +420,7 @@ AdapterConfig AdapterConfig::from_json(const nlohmann::json& j) {
   if (j.contains("rank")) c.rank = PerLayerSpec::from_json(j.at("rank"), "rank");
   if (j.contains("alpha")) c.alpha = get_number(j, "alpha");
   if (j.contains("dropout")) c.dropout = get_number(j, "dropout");
+  if (j.contains("dropout_masks")) c.dropout_masks = get_string(j, "dropout_masks", "per_expert");
   if (j.contains("targets")) c.targets = get_string_list(j, "targets");
   if (j.contains("aux_loss_coef")) c.aux_loss_coef = get_number(j, "aux_loss_coef");
   if (j.contains("compute")) c.compute = get_string(j, "compute", "auto");
@@ -438,6 +477,7 @@ AdapterConfig AdapterConfig::from_json_file(const std::string& path) {
 nlohmann::json AdapterConfig::to_json() const {
   json j{{"method", method},   {"experts", experts.to_json()},   {"top_k", top_k.to_json()},
          {"rank", rank.to_json()}, {"alpha", alpha},             {"dropout", dropout},
+         {"dropout_masks", dropout_masks},
          {"targets", targets}, {"aux_loss_coef", aux_loss_coef}, {"compute", compute},
          {"init", init}};
   // Only MoLEx configs carry the MoLEx keys: lora and mola JSON stays as it was.
@@ -484,6 +524,7 @@ void AdapterConfig::validate() const {
          " must be a finite number >= 0; 0 turns the load-balancing loss off (default 0.001)");
   check_one_of("compute", compute, compute_modes());
   check_one_of("init", init, inits());
+  check_one_of("dropout_masks", dropout_masks, dropout_masks_modes());
 }
 
 void AdapterConfig::validate_molex() const {
@@ -544,6 +585,7 @@ ResolvedAdapter AdapterConfig::resolve(int64_t num_layers) const {
   }
   r.alpha = alpha;
   r.dropout = dropout;
+  r.dropout_masks = dropout_masks;
   r.targets = targets;
   r.aux_loss_coef = aux_loss_coef;
   r.compute = compute;
@@ -569,7 +611,8 @@ int64_t AdapterConfig::num_parameters(const std::vector<LinearShape>& shapes, in
 
 bool operator==(const AdapterConfig& a, const AdapterConfig& b) {
   return a.method == b.method && a.experts == b.experts && a.top_k == b.top_k && a.rank == b.rank &&
-         a.alpha == b.alpha && a.dropout == b.dropout && a.targets == b.targets &&
+         a.alpha == b.alpha && a.dropout == b.dropout && a.dropout_masks == b.dropout_masks &&
+         a.targets == b.targets &&
          a.aux_loss_coef == b.aux_loss_coef && a.compute == b.compute && a.init == b.init &&
          a.base_method == b.base_method && a.molex_pool == b.molex_pool && a.molex_alpha == b.molex_alpha &&
          a.molex_alpha_learned == b.molex_alpha_learned && a.molex_gate_grad == b.molex_gate_grad &&
@@ -581,8 +624,8 @@ bool operator==(const AdapterConfig& a, const AdapterConfig& b) {
 nlohmann::json ResolvedAdapter::to_json() const {
   json j{{"method", method}, {"num_layers", num_layers}, {"experts", experts},
          {"top_k", top_k},   {"rank", rank},             {"scaling", scaling},
-         {"alpha", alpha},   {"dropout", dropout},       {"targets", targets},
-         {"aux_loss_coef", aux_loss_coef}, {"compute", compute}};
+         {"alpha", alpha},   {"dropout", dropout},       {"dropout_masks", dropout_masks},
+         {"targets", targets}, {"aux_loss_coef", aux_loss_coef}, {"compute", compute}};
   if (!base_model_name.empty()) j["base_model_name"] = base_model_name;
   if (init != "kaiming") j["init"] = init;
   if (is_molex()) {  // as AdapterConfig::to_json: MoLEx keys for MoLEx adapters only

@@ -84,6 +84,7 @@ struct ResolvedAdapter {
   std::vector<double> scaling;   // [num_layers], alpha / rank[l] (LoRA, Hu et al. 2021)
   double alpha = 16.0;
   double dropout = 0.05;
+  std::string dropout_masks = "per_expert";  // AdapterConfig::dropout_masks
   std::vector<std::string> targets;
   double aux_loss_coef = 0.001;
   std::string compute = "auto";
@@ -105,7 +106,8 @@ struct ResolvedAdapter {
 
   // Keys: the field names above; experts, top_k, rank, scaling as lists;
   // base_model_name only when it is not empty, init only when it is not
-  // "kaiming" (so adapters written before init existed read the same).
+  // "kaiming" (so adapters written before init existed read the same);
+  // dropout_masks always (a file without it reads as "per_expert").
   nlohmann::json to_json() const;
   // Reads what to_json() wrote (no other keys; "scaling", "base_model_name"
   // and "init" are optional, and scaling, when present, must equal alpha / rank).
@@ -127,6 +129,12 @@ struct AdapterConfig {
   PerLayerSpec rank = 8;        // LoRA rank r
   double alpha = 16.0;          // scaling = alpha / rank of that layer
   double dropout = 0.05;        // on the LoRA input, 0 <= p < 1
+  // Dropout masks, one of dropout_masks_modes(): "per_expert" (each routed
+  // expert of a token draws its own mask over the token's features, as the
+  // MoLA authors' code calls dropout inside its per-expert loop) or "shared"
+  // (one mask per token for all its experts: one masked copy of x, faster; a
+  // deviation from the authors).
+  std::string dropout_masks = "per_expert";
   std::vector<std::string> targets = default_targets();
   double aux_loss_coef = 0.001;  // load-balancing loss weight, >= 0 (0: off)
   std::string compute = "auto";  // one of compute_modes()
@@ -189,6 +197,7 @@ struct AdapterConfig {
   static const std::vector<std::string>& methods();        // supported adapter methods
   static const std::vector<std::string>& compute_modes();  // auto, dense, grouped
   static const std::vector<std::string>& inits();          // kaiming, gaussian, pissa
+  static const std::vector<std::string>& dropout_masks_modes();  // per_expert, shared
   static const std::vector<std::string>& molex_keys();          // base_method and the molex_* keys
   static const std::vector<std::string>& molex_base_methods();  // lora, mola
   static const std::vector<std::string>& molex_pools();         // mean, last, token
@@ -214,8 +223,13 @@ std::vector<std::string> preset_names();
 namespace detail {
 // Levenshtein distance (insert, delete, substitute each cost 1).
 size_t edit_distance(const std::string& a, const std::string& b);
-// The candidate nearest to `word` (case-insensitive edit distance; the first
-// on ties); "" when there are no candidates. For "did you mean" messages.
+// The candidates ordered as a person would guess what `word` meant, nearest
+// first: by how much of the two names' letters they share in order
+// (2 * longest common subsequence / total length, case-insensitive), so that
+// "sciqa" finds "scienceqa" before "cola"; then by edit distance; then in
+// the given order. For "did you mean" messages.
+std::vector<std::string> names_nearest_first(const std::string& word, const std::vector<std::string>& candidates);
+// The first of names_nearest_first; "" when there are no candidates.
 std::string nearest_name(const std::string& word, const std::vector<std::string>& candidates);
 // A preset string's 4 group counts, bottom group first; `field` names the
 // setting in messages.

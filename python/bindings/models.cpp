@@ -72,6 +72,70 @@ py::object json_to_python(const nlohmann::json& j) {
   return py::module_::import("json").attr("loads")(j.dump());
 }
 
+// CausalLM's state as a dict of Python values (pickle's __getstate__).
+py::dict state_to_python(const CausalLMImpl::State& st) {
+  py::dict tensors;
+  for (const auto& [key, t] : st.tensors) tensors[py::str(key)] = t.detach();
+  py::dict d;
+  d["version"] = 1;
+  d["config"] = st.config.to_json().dump();
+  d["name_or_path"] = st.name_or_path;
+  d["adapter"] = st.adapter ? py::object(py::str(st.adapter->to_json().dump())) : py::object(py::none());
+  d["tensors"] = tensors;
+  d["trainable"] = st.trainable;
+  d["training"] = st.training;
+  d["gradient_checkpointing"] = st.gradient_checkpointing;
+  d["adapter_enabled"] = st.adapter_enabled;
+  return d;
+}
+
+// The inverse (pickle's __setstate__); the tensors are the unpickled ones, taken as they are.
+std::shared_ptr<CausalLMImpl> state_from_python(const py::dict& d) {
+  if (!d.contains("version") || d["version"].cast<int>() != 1)
+    throw py::value_error("CausalLM: this pickled state was written by another mola version; save the model "
+                          "with save_adapter and load it again instead of pickling");
+  CausalLMImpl::State st;
+  st.config = mola::models::ModelConfig::from_json_string(d["config"].cast<std::string>(), "<pickled CausalLM>");
+  st.name_or_path = d["name_or_path"].cast<std::string>();
+  if (!d["adapter"].is_none())
+    st.adapter = mola::ResolvedAdapter::from_json(nlohmann::json::parse(d["adapter"].cast<std::string>()));
+  for (const auto& [key, value] : d["tensors"].cast<py::dict>())
+    st.tensors[key.cast<std::string>()] = value.cast<at::Tensor>();
+  st.trainable = d["trainable"].cast<std::vector<std::string>>();
+  st.training = d["training"].cast<bool>();
+  st.gradient_checkpointing = d["gradient_checkpointing"].cast<bool>();
+  st.adapter_enabled = d["adapter_enabled"].cast<bool>();
+  return CausalLMImpl::from_state(st, /*clone=*/false);
+}
+
+// nn.Module.to's arguments: to(device), to(dtype), to(device, dtype), to(tensor),
+// keywords device= / dtype= / non_blocking=, as torch parses them.
+void move_model(CausalLMImpl& self, const py::args& args, const py::kwargs& kwargs) {
+  const py::tuple parsed = py::module_::import("torch._C._nn").attr("_parse_to")(*args, **kwargs);
+  const py::object device = parsed[0], dtype = parsed[1];
+  if (!dtype.is_none() && !at::isFloatingType(dtype.cast<at::ScalarType>()))
+    throw py::value_error("CausalLM.to: dtype must be a floating type (torch.float32, torch.bfloat16, "
+                          "torch.float16), got " + py::repr(dtype).cast<std::string>());
+  if (!device.is_none()) {
+    const at::Device dev = device.cast<at::Device>();
+    mola::models::check_device(dev, "keep the model on the CPU");
+    self.to(dev);
+  }
+  if (!dtype.is_none()) self.to(dtype.cast<at::ScalarType>());
+}
+
+// aux_loss's mask: a tensor, or a list of them (one per forward that counts), joined.
+std::optional<at::Tensor> joined_mask(const py::object& mask) {
+  if (mask.is_none()) return std::nullopt;
+  if (py::isinstance<py::list>(mask) || py::isinstance<py::tuple>(mask)) {
+    std::vector<at::Tensor> parts;
+    for (const auto& m : mask) parts.push_back(m.cast<at::Tensor>().reshape({-1}));
+    if (parts.empty()) return std::nullopt;
+    return at::cat(parts);
+  }
+  return mask.cast<at::Tensor>();
+}
+
 }  // namespace
 
 void mola_bind_models(py::module_& m) {
@@ -104,7 +168,8 @@ void mola_bind_models(py::module_& m) {
             return CausalLMImpl::from_pretrained(path, dtype, dev);
           },
           py::arg("path"), py::arg("dtype") = at::kFloat, py::arg("device") = py::str("cpu"),
-          "Load a Hugging Face checkpoint directory (config.json and safetensors weights). Raises "
+          "Load a Hugging Face checkpoint directory (config.json and safetensors weights), in eval mode as "
+          "transformers' from_pretrained (model.train() to train). Raises "
           "FileNotFoundError for a missing directory, config.json or weights, ValueError for a bad config or "
           "weights that do not match it (naming the key and both shapes).")
       .def(
@@ -152,31 +217,60 @@ void mola_bind_models(py::module_& m) {
           "Every parameter tensor (shared, not copied); filter on requires_grad for an optimizer.")
       .def(
           "to",
-          [](std::shared_ptr<CausalLMImpl> self, const py::object& device, const py::object& dtype) {
-            if (!device.is_none()) self->to(to_device(device));
-            if (!dtype.is_none()) self->to(dtype.cast<at::ScalarType>());
+          [](std::shared_ptr<CausalLMImpl> self, const py::args& args, const py::kwargs& kwargs) {
+            move_model(*self, args, kwargs);
             return self;
           },
-          py::arg("device") = py::none(), py::arg("dtype") = py::none(),
+          "As nn.Module.to: to(device), to(dtype), to(device, dtype), to(tensor) or keywords device=, dtype=. "
           "Moves and/or casts every parameter in place (the tensor objects stay the same); returns the model.")
+      .def(
+          "__deepcopy__", [](const CausalLMImpl& self, const py::object&) { return self.copy(); }, py::arg("memo"),
+          "copy.deepcopy: a model with its own copy of every tensor, the same adapter, mode and settings.")
+      .def(py::pickle([](const CausalLMImpl& self) { return state_to_python(self.state()); },
+                      [](const py::dict& d) { return state_from_python(d); }))
+      .def_property_readonly("training", [](const CausalLMImpl& self) { return self.is_training(); },
+                             "True in training mode (dropout on), as nn.Module.training.")
+      .def(
+          "zero_grad",
+          [](CausalLMImpl& self, bool set_to_none) {
+            for (auto& p : self.parameters(/*recurse=*/true)) {
+              at::Tensor& g = p.mutable_grad();
+              if (!g.defined()) continue;
+              if (set_to_none) g = at::Tensor();
+              else g.zero_();
+            }
+          },
+          py::arg("set_to_none") = true, "As nn.Module.zero_grad: drops (or zeroes) every parameter's gradient.")
+      .def_property(
+          "adapter_enabled", &CausalLMImpl::adapter_enabled, &CausalLMImpl::set_adapter_enabled,
+          "False runs the base model alone (the adapter stays attached); mola.disable_adapter(model) sets it for "
+          "a with-block.")
+      .def("detach_adapter", &CausalLMImpl::detach_adapter,
+           "Takes the adapter out (mola.unload): the base model as before attach, its parameters trainable again.")
       .def("attach", &attach_from_python, py::arg("config"),
            "Adds a MoLA (or LoRA) adapter to the target projections of every layer and freezes the rest. config: "
            "a mola.MoLAConfig, a dict, JSON text or a JSON file path. Raises ValueError for a bad config or target.")
       .def(
           "aux_loss",
-          [](const CausalLMImpl& self, std::optional<double> coef, const std::optional<at::Tensor>& attention_mask) {
-            return self.aux_loss(coef, attention_mask);
+          [](CausalLMImpl& self, std::optional<double> coef, const py::object& attention_mask) {
+            return self.aux_loss(coef, joined_mask(attention_mask));
           },
           py::arg("coef") = py::none(), py::arg("attention_mask") = py::none(),
-          "The load-balancing loss of the last forward (design.md 2.2); coef defaults to the adapter's "
-          "aux_loss_coef; attention_mask [batch, seq] leaves padding out.")
+          "The load-balancing loss (design.md 2.2) of every training forward since it was last taken (else of "
+          "the last forward); taking it forgets them, as does a backward pass that reaches the adapter. coef "
+          "defaults to the adapter's aux_loss_coef; attention_mask [batch, seq] leaves padding out (a list of "
+          "masks, one per forward, when several count).")
       .def(
           "save_adapter", [](const CausalLMImpl& self, const std::string& dir) { mola::models::save_adapter(self, dir); },
           py::arg("directory"), "Writes adapter_config.json and adapter_model.safetensors into directory.")
       .def(
-          "load_adapter", [](CausalLMImpl& self, const std::string& dir) { mola::models::load_adapter(self, dir); },
-          py::arg("directory"),
-          "Loads an adapter directory, attaching its config first when the model has no adapter.")
+          "load_adapter",
+          [](CausalLMImpl& self, const std::string& dir, bool is_trainable) {
+            mola::models::load_adapter(self, dir, is_trainable);
+          },
+          py::arg("directory"), py::arg("is_trainable") = false,
+          "Loads an adapter directory, attaching its config first when the model has no adapter. As PEFT's "
+          "from_pretrained: frozen and in eval mode for inference unless is_trainable=True.")
       .def(
           "generate",
           [](CausalLMImpl& self, const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
@@ -231,8 +325,20 @@ void mola_bind_models(py::module_& m) {
           "config",
           [](const CausalLMImpl& self) { return json_to_python(self.config().to_json()); },
           "The parsed config.json as a dict, defaults filled in.")
-      .def("train", [](CausalLMImpl& self, bool on) { self.train(on); }, py::arg("mode") = true)
-      .def("eval", [](CausalLMImpl& self) { self.eval(); })
+      .def(
+          "train",
+          [](std::shared_ptr<CausalLMImpl> self, bool on) {
+            self->train(on);
+            return self;
+          },
+          py::arg("mode") = true, "Training mode (dropout on) or not; returns the model, as nn.Module.train.")
+      .def(
+          "eval",
+          [](std::shared_ptr<CausalLMImpl> self) {
+            self->eval();
+            return self;
+          },
+          "Eval mode (no dropout); returns the model, as nn.Module.eval.")
       .def("__repr__", [](const CausalLMImpl& self) {
         const auto& c = self.config();
         return "CausalLM(model_type=" + c.model_type + ", layers=" + std::to_string(c.num_hidden_layers) +

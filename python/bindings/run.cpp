@@ -48,6 +48,11 @@ void mola_bind_run(py::module_& m) {
       "The `mola` command line (without the program name); returns its exit status (2: a user error). "
       "process_group: the torch.distributed group `train` joins (python -m mola passes group.WORLD under torchrun).");
   m.def(
+      "command_help", [](const std::string& verb) { return verb.empty() ? mola::train::usage() : mola::train::help(verb); },
+      py::arg("verb") = "",
+      "The `mola --help` text (verb empty), or `mola VERB --help`'s: usage, options and an example, from the "
+      "command's table of verbs (ValueError for no such verb).");
+  m.def(
       "train_recipe",
       [](const std::string& recipe, const py::object& overrides, const py::object& process_group) {
         const auto list = override_list(overrides);

@@ -14,6 +14,7 @@ from .nn import MoLALinear, aux_loss
 from .molex import MoLExGate, molex_balance_loss
 from .inject import inject
 from .adapter import load_adapter, save_adapter
+from .lifecycle import disable_adapter, merge_and_unload, print_trainable_parameters, unload
 from .authors import import_authors_adapter
 from ._run import evaluate_recipe, load_recipe, train
 from .evaluation import EvalOptions, evaluate, majority_baseline, parse_answer
@@ -29,4 +30,5 @@ __all__ = ["CausalLM", "MoLAConfig", "MoLExConfig", "MoLExGate", "molex_balance_
            "built_with_cuda", "__version__",
            "inject", "save_adapter", "load_adapter", "train", "evaluate_recipe", "load_recipe", "data",
            "EvalOptions", "evaluate", "majority_baseline", "parse_answer",
-           "Trainer", "TrainOptions", "NonFiniteLossError", "import_authors_adapter", "set_trainable", "analysis"]
+           "Trainer", "TrainOptions", "NonFiniteLossError", "import_authors_adapter", "set_trainable", "analysis",
+           "unload", "merge_and_unload", "disable_adapter", "print_trainable_parameters"]

@@ -15,11 +15,26 @@ import sys
 from typing import List, Optional
 
 
+def _python_verb(args: List[str]) -> Optional[str]:
+    """The verb of ``args`` when it is one of the Python package's, else None."""
+    if args[:2] == ["convert", "mola-authors"]:
+        return "convert mola-authors"
+    if args and args[0] in ("report", "analyze"):
+        return args[0]
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    verb = _python_verb(args)
+    if verb is not None and ("-h" in args or "--help" in args):
+        from . import _C
+        print(_C.command_help(verb), end="")  # the command's one table of verbs
+        return 0
     if args and args[0] == "report":
         if len(args) != 2:
-            print("usage: python -m mola report OUT_DIR", file=sys.stderr)
+            print("mola: error: usage: python -m mola report OUT_DIR (python -m mola report --help)",
+                  file=sys.stderr)
             return 2
         from .report import write_report
         try:
@@ -78,18 +93,17 @@ def _train_distributed(args: List[str]) -> int:
 def _convert_authors(args: List[str]) -> int:
     """``convert mola-authors IN OUT [--top-k K]``: in Python, because the
     authors' adapter_model.bin needs torch.load(weights_only=True)."""
-    import argparse
 
     from .authors import import_authors_adapter
 
-    parser = argparse.ArgumentParser(prog="mola convert mola-authors",
-                                     description="an adapter written by the MoLA authors' code, into mola's format")
-    parser.add_argument("src", help="the authors' adapter directory (adapter_config.json, adapter_model.bin)")
-    parser.add_argument("out", help="the mola adapter directory to write")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (not stored by the authors; 2)")
+    parser = _Parser(prog="python -m mola convert mola-authors", add_help=False)
+    parser.add_argument("src")
+    parser.add_argument("out")
+    parser.add_argument("--top-k", default="2")
     a = parser.parse_args(args)
     try:
-        resolved = import_authors_adapter(a.src, a.out, top_k=a.top_k)
+        top_k = _top_k(a.top_k)
+        resolved = import_authors_adapter(a.src, a.out, top_k=top_k)
     except (FileNotFoundError, ValueError) as e:
         print(f"mola: error: {e}", file=sys.stderr)
         return 2
@@ -99,19 +113,16 @@ def _convert_authors(args: List[str]) -> int:
 
 def _analyze(args: List[str]) -> int:
     """``analyze ADAPTER [--data FILE] [--model DIR] [--recipe R] [--out DIR] [--max-examples N]``."""
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="mola analyze",
-                                     description="expert redundancy and routing of a MoLA adapter (design 8.2)")
-    parser.add_argument("adapter", help="the adapter directory (adapter_config.json, adapter_model.safetensors)")
-    parser.add_argument("--data", help="JSON Lines rows in the recipe's task format: measure the routing on them")
-    parser.add_argument("--model", help="the base model directory (default: the run's recipe.json, else the "
-                                        "adapter's base_model_name)")
-    parser.add_argument("--recipe", help="the recipe the adapter was trained with (default: recipe.json beside it)")
-    parser.add_argument("--out", help="output directory (default: analysis/ beside the adapter)")
-    parser.add_argument("--max-examples", type=int, default=256, help="rows of --data to route (0: all; 256)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward (8)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
+    parser = _Parser(prog="python -m mola analyze", add_help=False)
+    parser.add_argument("adapter")
+    parser.add_argument("--data")
+    parser.add_argument("--model")
+    parser.add_argument("--recipe")
+    parser.add_argument("--out")
+    parser.add_argument("--max-examples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
     a = parser.parse_args(args)
     if a.max_examples < 0 or a.batch_size < 1:
         print(f"mola: error: --max-examples ({a.max_examples}) must be >= 0 and --batch-size ({a.batch_size}) "
@@ -125,6 +136,39 @@ def _analyze(args: List[str]) -> int:
         print(f"mola: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+class _Parser:
+    """argparse for the Python verbs, with the command's conventions: the help text
+    is the verb table's (``--help`` is answered before parsing), and a bad argument
+    is one line on stderr and exit status 2, naming the verb's --help."""
+
+    def __init__(self, prog: str, add_help: bool = False):
+        import argparse
+
+        class Quiet(argparse.ArgumentParser):
+            def error(self, message):
+                print(f"mola: error: {message}; see {prog} --help", file=sys.stderr)
+                raise SystemExit(2)
+
+        self.parser = Quiet(prog=prog, add_help=add_help, usage=argparse.SUPPRESS)
+
+    def add_argument(self, *args, **kwargs):
+        return self.parser.add_argument(*args, **kwargs)
+
+    def parse_args(self, args):
+        return self.parser.parse_args(args)
+
+
+def _top_k(text: str):
+    """``--top-k``: one K for every layer ("2") or one per layer ("2,2,1,1")."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--top-k {text!r}: give a whole number (2) or one per layer, comma-separated "
+                         "(2,2,1,1)") from None
+    return values[0] if len(values) == 1 else values
 
 
 if __name__ == "__main__":

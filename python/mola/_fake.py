@@ -8,14 +8,14 @@ CompositeImplicitAutograd and traces by decomposition.
 """
 import torch
 
+from . import _C
+
 _DENSE, _GROUPED = 1, 2
 
 
-def _resolve_compute(compute, num_experts, rank):
-    # Mirrors mola::ops::resolve_compute (src/ops/moe_lora.cpp).
-    if compute != 0:
-        return compute
-    return _DENSE if num_experts * rank <= 256 else _GROUPED
+def _resolve_compute(compute, num_experts, rank, per_expert_dropout=False):
+    # The one rule, mola::ops::resolve_compute (src/ops/moe_lora.cpp), asked of C++.
+    return _C.resolve_compute(int(compute), int(num_experts), int(rank), bool(per_expert_dropout))
 
 
 def _tokens(x):
@@ -27,7 +27,7 @@ def _tokens(x):
 
 @torch.library.register_fake("mola::moe_lora")
 def _moe_lora_fake(x, weight, bias, router, lora_a, lora_b, top_k, scaling,
-                   dropout_p=0.0, training=False, compute=0, dropout_seed=None):
+                   dropout_p=0.0, training=False, compute=0, dropout_seed=None, shared_dropout_mask=False):
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     logits = x.new_empty((_tokens(x), router.shape[0]))
     return y, logits
@@ -35,11 +35,12 @@ def _moe_lora_fake(x, weight, bias, router, lora_a, lora_b, top_k, scaling,
 
 @torch.library.register_fake("mola::_moe_lora_forward")
 def _moe_lora_forward_fake(x, weight, bias, router, lora_a, lora_b, top_k, scaling,
-                           dropout_p, training, compute, dropout_seed):
+                           dropout_p, training, compute, dropout_seed, shared_dropout_mask=False):
     y, logits = _moe_lora_fake(x, weight, bias, router, lora_a, lora_b, top_k, scaling)
     num_experts, rank = lora_a.shape[0], lora_a.shape[1]
     tokens = _tokens(x)
-    if _resolve_compute(compute, num_experts, rank) == _DENSE:
+    per_expert = bool(training) and dropout_p > 0 and not shared_dropout_mask
+    if _resolve_compute(compute, num_experts, rank, per_expert) == _DENSE:
         hidden = x.new_empty((tokens, num_experts * rank))
     else:
         hidden = x.new_empty((tokens, top_k, rank))
@@ -49,7 +50,7 @@ def _moe_lora_forward_fake(x, weight, bias, router, lora_a, lora_b, top_k, scali
 @torch.library.register_fake("mola::_moe_lora_backward")
 def _moe_lora_backward_fake(grad_y, grad_router_logits, x, weight, router, lora_a, lora_b,
                             router_logits, lora_hidden, top_k, scaling, dropout_p, training,
-                            compute, dropout_seed, output_mask):
+                            compute, dropout_seed, shared_dropout_mask, output_mask):
     likes = (x, weight, weight[:, 0], router, lora_a, lora_b)
     # contiguous whatever the inputs' strides: the CPU and CUDA backwards return fresh
     # contiguous gradients, and inductor plans layouts from this
@@ -69,5 +70,5 @@ def _moe_lora_route_fake(router_logits, top_k):
 
 
 @torch.library.register_fake("mola::_dropout_mask")
-def _dropout_mask_fake(seed, rows, cols, p):
+def _dropout_mask_fake(seed, rows, cols, p, expert=-1):
     return seed.new_empty((rows, cols), dtype=torch.float32)

@@ -117,23 +117,54 @@ def write_adapter_files(directory: PathLike, tensors: Dict[str, torch.Tensor], c
                   lambda tmp: _write_text(tmp, text))
 
 
-def load_adapter(model: Union[nn.Module, Any], directory: PathLike) -> Union[nn.Module, Any]:
+def load_adapter(model: Union[nn.Module, Any], directory: PathLike, is_trainable: bool = False
+                 ) -> Union[nn.Module, Any]:
     """Load the adapter in ``directory`` into ``model``; returns ``model``.
 
-    A model without MoLALinear modules is first injected with the saved
-    config. An injected model must match it layer by layer (experts, top_k,
-    rank, scaling). Tensors load by name; a missing or unexpected key or a
-    shape mismatch is a ValueError that names the key. A ``mola.CausalLM``
-    loads it with its own ``load_adapter`` (attaching first when it has no
-    adapter; the C++ checks and errors apply).
+    As PEFT's ``from_pretrained``: by default the adapter is for inference, so
+    its tensors are frozen (``requires_grad`` False) and the whole model is put
+    in eval mode (no dropout). ``is_trainable=True`` leaves the model's mode
+    alone and makes the adapter trainable, to continue training it.
+
+    ``directory`` is an adapter directory (``mola.save_adapter``) or a
+    whole-model directory written by an injected model's ``save_pretrained``
+    (its adapter is in ``directory/mola_adapter``). A model without MoLALinear
+    modules is first injected with the saved config. An injected model must
+    match it layer by layer (experts, top_k, rank, scaling). Tensors load by
+    name; a missing or unexpected key or a shape mismatch is a ValueError that
+    names the key. A ``mola.CausalLM`` loads it with its own ``load_adapter``
+    (attaching first when it has no adapter; the C++ checks and errors apply).
     """
+    directory = adapter_directory(directory)
     if _is_cpp_model(model):
-        model.load_adapter(os.fspath(directory))
+        model.load_adapter(directory, is_trainable=is_trainable)
         return model
+    _load_adapter_weights(model, directory)
+    adapter = [p for _, m in mola_modules(model) for p in (m.router, m.lora_a, m.lora_b)]
+    from .molex import molex_gates
+    adapter += [p for _, g in molex_gates(model) for p in g.parameters()]
+    for p in adapter:
+        p.requires_grad_(bool(is_trainable))
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def adapter_directory(directory: PathLike) -> str:
+    """``directory`` itself, or its ``mola_adapter`` folder when that holds the adapter
+    (a whole-model checkpoint of ``save_pretrained``, a Trainer checkpoint)."""
+    directory = os.fspath(directory)
+    inner = os.path.join(directory, "mola_adapter")
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isfile(os.path.join(inner, CONFIG_NAME)):
+        return inner
+    return directory
+
+
+def _load_adapter_weights(model: nn.Module, directory: str) -> None:
+    """Injects ``model`` when needed and copies the adapter's tensors into it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = os.fspath(directory)
     resolved = read_adapter_config(directory)
     weights = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights):
@@ -183,7 +214,6 @@ def load_adapter(model: Union[nn.Module, Any], directory: PathLike) -> Union[nn.
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(state[key])
-    return model
 
 
 def read_adapter_config(directory: PathLike) -> Dict[str, Any]:

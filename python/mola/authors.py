@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -47,10 +47,16 @@ def _read_weights(src: str) -> Tuple[Dict[str, torch.Tensor], str]:
                             f"{src!r}; give the directory the authors' training wrote")
 
 
-def import_authors_adapter(src_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], top_k: int = 2,
-                           aux_loss_coef: float = 0.001, base_model_name: Optional[str] = None) -> Dict[str, Any]:
+def import_authors_adapter(src_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
+                           top_k: Union[int, Sequence[int]] = 2, aux_loss_coef: float = 0.001,
+                           base_model_name: Optional[str] = None) -> Dict[str, Any]:
     """Convert the authors' adapter in ``src_dir`` to mola's files in ``out_dir``;
-    returns the resolved adapter config written there."""
+    returns the resolved adapter config written there.
+
+    ``top_k``: experts per token, which the authors' files do not store: one
+    value for every layer (capped at each layer's E), or one per layer (a list
+    as long as the adapter's layers, each between 1 and that layer's E), as the
+    authors' runs may set it layer by layer."""
     src = os.fspath(src_dir)
     config_path = os.path.join(src, "adapter_config.json")
     if not os.path.exists(config_path):
@@ -108,7 +114,22 @@ def import_authors_adapter(src_dir: Union[str, os.PathLike], out_dir: Union[str,
         raise ValueError(f"import_authors_adapter: adapter_config.json says r = {r_config[:num_layers]} but the "
                          f"tensors have ranks {ranks}")
 
-    cfg = MoLAConfig(experts=experts, top_k=[min(top_k, e) for e in experts], rank=ranks,
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, list, tuple)):
+        raise ValueError(f"import_authors_adapter: top_k={top_k!r} must be an int or a list of one int per layer")
+    if isinstance(top_k, int):
+        if top_k < 1:
+            raise ValueError(f"import_authors_adapter: top_k={top_k} must be >= 1")
+        per_layer = [min(top_k, e) for e in experts]
+    else:
+        per_layer = list(top_k)
+        if len(per_layer) != num_layers:
+            raise ValueError(f"import_authors_adapter: top_k has {len(per_layer)} values but the adapter has "
+                             f"{num_layers} layers; give one per layer (or one int for all)")
+        for j, (k, e) in enumerate(zip(per_layer, experts)):
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= e:
+                raise ValueError(f"import_authors_adapter: top_k[{j}] = {k!r} must be an int between 1 and "
+                                 f"layer {j}'s {e} experts")
+    cfg = MoLAConfig(experts=experts, top_k=per_layer, rank=ranks,
                      alpha=float(peft_config.get("lora_alpha", 16)),
                      dropout=float(peft_config.get("lora_dropout", 0.05)),
                      targets=tuple(targets), aux_loss_coef=aux_loss_coef)

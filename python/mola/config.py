@@ -36,6 +36,7 @@ _EXPECTED = {
     "rank": "an int or a list of ints",
     "alpha": "a finite number > 0 (default 16)",
     "dropout": "a number with 0 <= dropout < 1 (default 0.05)",
+    "dropout_masks": "'per_expert' or 'shared'",
     "targets": "a list of module names such as ['q_proj', 'v_proj']",
     "aux_loss_coef": "a finite number >= 0 (default 0.001)",
     "compute": "one of 'auto', 'dense', 'grouped'",
@@ -87,6 +88,11 @@ class MoLAConfig:
     sqrt(S_r/s) V_r^T and B = U_r sqrt(S_r/s), and the base weight becomes
     W - U_r S_r V_r^T, so the model's output is unchanged at the start).
 
+    ``dropout_masks``: ``"per_expert"`` (default: each expert a token is routed
+    to draws its own dropout mask over the token's features, as the MoLA authors'
+    code, which calls dropout inside its per-expert loop) or ``"shared"`` (one
+    mask per token for all its experts: faster, and a deviation from the authors).
+
     ``method="molex"`` is MoLEx (design 3) with its defaults; ``MoLExConfig``
     has its settings as fields (``from_dict`` and ``from_json`` return one for
     method "molex").
@@ -99,6 +105,7 @@ class MoLAConfig:
     rank: PerLayer = _DEFAULTS["rank"]
     alpha: float = _DEFAULTS["alpha"]
     dropout: float = _DEFAULTS["dropout"]
+    dropout_masks: str = _DEFAULTS["dropout_masks"]
     targets: Tuple[str, ...] = tuple(_DEFAULTS["targets"])
     aux_loss_coef: float = _DEFAULTS["aux_loss_coef"]
     compute: str = _DEFAULTS["compute"]

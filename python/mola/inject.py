@@ -63,9 +63,12 @@ def inject(model: nn.Module, cfg: Union[MoLAConfig, Mapping, None] = None, *,
         cfg: a ``MoLAConfig`` (or a dict of its fields); None means the
             defaults. ``targets`` name the modules to adapt (``q_proj`` ...).
         path: an adapter directory written by ``mola.save_adapter`` (or by the
-            C++ model): its config is injected and its weights loaded.
+            C++ model): its config is injected and its weights loaded, trainable
+            (for inference, use ``mola.load_adapter``, which freezes it).
 
-    Every other parameter is frozen. The resolved per-layer config (the
+    Every other parameter is frozen. The new modules take the model's mode:
+    an eval model (as ``from_pretrained`` returns it) stays in eval mode, with
+    no dropout, until ``model.train()``. The resolved per-layer config (the
     content of adapter_config.json) is kept as ``model.mola_config``.
     Returns ``model``.
     """
@@ -75,7 +78,7 @@ def inject(model: nn.Module, cfg: Union[MoLAConfig, Mapping, None] = None, *,
                              f"{os.fspath(path)!r} carries its own config")
         _check_not_injected(model)
         from .adapter import load_adapter  # adapter.py imports this module
-        load_adapter(model, path)
+        load_adapter(model, path, is_trainable=True)  # inject is for training; the model keeps its mode
         return model
     cfg = _as_config(cfg)
     num_layers = num_decoder_layers(model)
@@ -118,6 +121,8 @@ def _inject_resolved(model: nn.Module, resolved: Dict[str, Any]) -> None:
         if index >= num_layers:
             raise ValueError(f"inject: module {path!r} is in layer {index} but the config covers "
                              f"{num_layers} layers; resolve the config for {index + 1} or more layers")
+    # What trained before inject trains again after mola.unload.
+    model.__dict__["_mola_requires_grad"] = {n for n, p in model.named_parameters() if p.requires_grad}
     # Freeze first: the new modules' adapter parameters are the only trainable ones.
     model.requires_grad_(False)
     for path, index, name, linear in found:
@@ -125,13 +130,19 @@ def _inject_resolved(model: nn.Module, resolved: Dict[str, Any]) -> None:
                             top_k=resolved["top_k"][index], rank=resolved["rank"][index],
                             alpha=resolved["alpha"], dropout=resolved["dropout"],
                             compute=resolved["compute"], layer_index=index,
-                            init=resolved.get("init", "kaiming"))
+                            init=resolved.get("init", "kaiming"),
+                            dropout_masks=resolved.get("dropout_masks", "per_expert"))
+        # The host's mode: an eval model stays in eval (no dropout), as transformers'
+        # from_pretrained leaves it, until the user calls model.train().
+        module.train(linear.training)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, module)
     if method == "molex":
         from .molex import install
         install(model, resolved)
     model.mola_config = dict(resolved)
+    from .lifecycle import install_methods
+    install_methods(model)
 
 
 def _find_targets(model: nn.Module, targets: List[str]) -> List[Tuple[str, int, str, nn.Linear]]:

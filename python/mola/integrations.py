@@ -15,9 +15,12 @@ On top of the Trainer it
   non-padding tokens since the last log (``expert_load/layer_L/expert_E``), and
   ``expert_load/layer_L/imbalance`` (the busiest expert's share times E; 1 is
   uniform), counted as src/train/expert_load.cpp counts them for ``mola train``;
-- writes the adapter (``mola.save_adapter``) into every checkpoint directory
-  (``checkpoint-N/mola_adapter``), into any ``save_model`` directory, and into
-  ``output_dir/mola_adapter`` when ``train`` returns.
+- saves the adapter, not the model: every checkpoint directory holds
+  ``checkpoint-N/mola_adapter`` (``mola.save_adapter``) beside the Trainer's
+  own training state (optimizer, scheduler, RNG, trainer_state.json), never a
+  copy of the frozen base; so does any ``save_model`` directory, and
+  ``output_dir/mola_adapter`` when ``train`` returns. ``resume_from_checkpoint``
+  and ``load_best_model_at_end`` read the adapter back from there.
 
 Importing this module imports transformers (which needs accelerate for the
 Trainer); ``import mola`` does not.
@@ -33,14 +36,12 @@ import torch
 import transformers
 from torch import nn
 
-from .adapter import save_adapter
+from .adapter import load_adapter, save_adapter
 from .inject import mola_modules
+from .lifecycle import ADAPTER_DIRNAME  # the adapter's folder inside a checkpoint or output directory
 from .nn import DEFAULT_AUX_LOSS_COEF, aux_loss
 
 __all__ = ["MoLATrainer", "ExampleCollator", "expert_load_counts", "ADAPTER_DIRNAME"]
-
-#: The adapter's folder inside a checkpoint or output directory.
-ADAPTER_DIRNAME = "mola_adapter"
 
 
 def expert_load_counts(model: nn.Module, attention_mask: Optional[torch.Tensor] = None
@@ -210,12 +211,35 @@ class MoLATrainer(transformers.Trainer):
             self._reset_accumulators()
         super().log(logs, *args, **kwargs)
 
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """The Trainer's save (checkpoints call it too), plus ``output_dir/mola_adapter``."""
-        super().save_model(output_dir, _internal_call=_internal_call)
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """What ``save_model`` and every checkpoint write: ``output_dir/mola_adapter``, the
+        tokenizer and the training arguments; not the base model's weights."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
-            save_adapter(self._mola_model(), os.path.join(output_dir, ADAPTER_DIRNAME))
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_adapter(self._mola_model(), os.path.join(output_dir, ADAPTER_DIRNAME), state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        """``train(resume_from_checkpoint=...)``: the adapter from ``checkpoint-N/mola_adapter``."""
+        self._load_adapter_from(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the adapter of the best checkpoint."""
+        self._load_adapter_from(self.state.best_model_checkpoint, None)
+
+    def _load_adapter_from(self, checkpoint: str, model: Optional[nn.Module]) -> None:
+        directory = os.path.join(checkpoint, ADAPTER_DIRNAME)
+        if not os.path.isfile(os.path.join(directory, "adapter_config.json")):
+            raise ValueError(f"MoLATrainer: {checkpoint!r} has no {ADAPTER_DIRNAME}/adapter_config.json; resume from "
+                             "a checkpoint directory MoLATrainer wrote (checkpoint-N)")
+        target = model if model is not None else self._mola_model()
+        while hasattr(target, "module") and isinstance(target.module, nn.Module):
+            target = target.module
+        load_adapter(target, directory, is_trainable=True)
 
     def train(self, *args, **kwargs):
         """The Trainer's train; then the final adapter goes to ``output_dir/mola_adapter``."""

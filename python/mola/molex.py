@@ -94,6 +94,8 @@ class MoLExGate(nn.Module):
         self.gate = nn.Linear(hidden_size, num_layers, bias=True, dtype=dtype, device=device)
         self.alpha = (nn.Parameter(torch.zeros(1, dtype=dtype, device=device)) if alpha_learned else None)
         self.last: Optional[Dict[str, torch.Tensor]] = None  # the last route(), for the balance loss
+        #: True inside ``mola.disable_adapter``: the layer runs its own block alone.
+        self.adapter_disabled = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -154,6 +156,12 @@ class MoLExGate(nn.Module):
         n = self.num_layers - (1 if self.exclude_self else 0)
         return n * ((count / units) * (probs.sum(0) / units)).sum()
 
+    def __getstate__(self):
+        # The last route belongs to this gate's autograd graph: a copy starts without it.
+        state = super().__getstate__()
+        state["last"] = None
+        return state
+
     def extra_repr(self) -> str:
         """The gate's settings, for ``print(model)``."""
         return (f"layer_index={self.layer_index}, num_layers={self.num_layers}, pool={self.pool!r}, "
@@ -167,6 +175,10 @@ class _Context:
     def __init__(self, layers: List[nn.Module]):
         self.layers = layers
         self.padding: Optional[torch.Tensor] = None
+        self.use_cache: Dict[str, Any] = {}  # config name -> its use_cache before inject (for unload)
+
+    def __getstate__(self):
+        return {"layers": self.layers, "padding": None, "use_cache": self.use_cache}
 
 
 def molex_gates(model: nn.Module) -> List[Tuple[str, MoLExGate]]:
@@ -195,14 +207,18 @@ def install(model: nn.Module, resolved: Dict[str, Any]) -> None:
     for t, layer in enumerate(layers):
         gate = MoLExGate(hidden, num_layers, t, pool=resolved["molex_pool"], alpha=resolved["molex_alpha"],
                          alpha_learned=resolved["molex_alpha_learned"], gate_grad=resolved["molex_gate_grad"],
-                         exclude_self=resolved["molex_exclude_self"], dtype=ref.dtype, device=ref.device)
+                         exclude_self=resolved["molex_exclude_self"], device=ref.device,
+                         dtype=torch.float32 if ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype)
+        gate.train(layer.training)
         layer.add_module("molex", gate)
         layer._molex_ctx = ctx
-        layer.forward = _bound_forward(layer)
-    stack.register_forward_pre_hook(_record_padding(ctx), with_kwargs=True)
+        layer.forward = _BoundForward(layer)
+    stack.register_forward_pre_hook(_RecordPadding(ctx), with_kwargs=True)
     # Block j's attention would write into layer j's cache entries (see the module docstring).
-    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+    for name in ("config", "generation_config"):
+        config = getattr(model, name, None)
         if config is not None and hasattr(config, "use_cache"):
+            ctx.use_cache[name] = config.use_cache
             config.use_cache = False
 
 
@@ -224,18 +240,48 @@ def _hidden_size(model: nn.Module, layer: nn.Module) -> int:
     return layer.input_layernorm.weight.shape[0]
 
 
-def _record_padding(ctx: _Context):
-    def hook(module, args, kwargs):
+class _RecordPadding:
+    """The forward pre-hook on the layer stack that keeps the 2-D attention mask
+    for the gates' pooling. An object, so that a deepcopy records into the copy's context."""
+
+    def __init__(self, ctx: _Context):
+        self.ctx = ctx
+
+    def __call__(self, module, args, kwargs):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        ctx.padding = mask.ne(0) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.ctx.padding = mask.ne(0) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         return None
-    return hook
 
 
-def _bound_forward(layer: nn.Module):
-    def forward(hidden_states, *args, **kwargs):
-        return _molex_forward(layer, hidden_states, *args, **kwargs)
-    return forward
+def uninstall(model: nn.Module) -> None:
+    """Undo ``install``: the decoder layers lose their gate and MoLEx forward (``mola.unload``)."""
+    stack, layers = _decoder_stack(model)
+    ctx = getattr(layers[0], "_molex_ctx", None)
+    for name, value in (ctx.use_cache.items() if ctx is not None else ()):
+        config = getattr(model, name, None)
+        if config is not None:
+            config.use_cache = value
+    for key, hook in list(stack._forward_pre_hooks.items()):
+        if isinstance(hook, _RecordPadding):
+            del stack._forward_pre_hooks[key]
+            stack._forward_pre_hooks_with_kwargs.pop(key, None)
+    for layer in layers:
+        if isinstance(layer.__dict__.get("forward"), _BoundForward):
+            del layer.forward
+        layer.__dict__.pop("_molex_ctx", None)
+        if "molex" in layer._modules:
+            del layer._modules["molex"]
+
+
+class _BoundForward:
+    """A decoder layer's instance ``forward`` under MoLEx. An object rather than a
+    closure, so that ``copy.deepcopy`` and pickle carry it to the copy's layer."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        return _molex_forward(self.layer, hidden_states, *args, **kwargs)
 
 
 # Keyword arguments of a transformers decoder layer that hold one entry per batch row.
@@ -253,10 +299,10 @@ def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
 def _run_block(layer: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """Block ``layer`` as the second branch, its class forward, its MoLA router logits left as they were."""
     from .nn import MoLALinear
-    kept = [(m, m.router_logits) for m in layer.modules() if isinstance(m, MoLALinear)]
+    kept = [(m, m.router_logits, list(m._pending_logits)) for m in layer.modules() if isinstance(m, MoLALinear)]
     out = type(layer).forward(layer, hidden_states, *args, **kwargs)
-    for m, logits in kept:
-        m.router_logits = logits
+    for m, logits, pending in kept:
+        m.router_logits, m._pending_logits = logits, pending
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -269,6 +315,8 @@ def _molex_forward(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwarg
         raise ValueError("MoLEx (mola.inject): the decoder layer got positional arguments after "
                          "hidden_states; pass them by keyword as transformers' models do")
     ctx, gate = layer._molex_ctx, layer.molex
+    if gate.adapter_disabled:
+        return type(layer).forward(layer, hidden_states, **kwargs)
     t = gate.layer_index
     out = type(layer).forward(layer, hidden_states, **kwargs)
     as_tuple = isinstance(out, tuple)

@@ -25,17 +25,20 @@ def compute_code(compute) -> int:
 def moe_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              router: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, top_k: int,
              scaling: float, dropout_p: float = 0.0, training: bool = False,
-             compute="auto", dropout_seed: Optional[torch.Tensor] = None
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
+             compute="auto", dropout_seed: Optional[torch.Tensor] = None,
+             dropout_masks: str = "per_expert") -> Tuple[torch.Tensor, torch.Tensor]:
     """The MoLA layer (design 2.1): ``y = x W^T + b + scaling * sum_j w_j B_j A_j dropout(x)``.
 
     Shapes: x ``[..., in]``, weight ``[out, in]``, router ``[E, in]``, lora_a
     ``[E, r, in]``, lora_b ``[E, out, r]``. Returns ``(y [..., out], router_logits [T, E])``.
     ``dropout_seed`` (int64, one element) is required when training with dropout.
+    ``dropout_masks``: ``"per_expert"`` (each routed expert of a token draws its own
+    mask, as the MoLA authors' per-expert dropout calls) or ``"shared"`` (one mask
+    for every expert: faster, a deviation from the authors).
     """
     return torch.ops.mola.moe_lora(x, weight, bias, router, lora_a, lora_b, int(top_k),
                                    float(scaling), float(dropout_p), bool(training),
-                                   compute_code(compute), dropout_seed)
+                                   compute_code(compute), dropout_seed, shared_mask(dropout_masks))
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: Sequence[int],
@@ -53,10 +56,42 @@ def moe_lora_route(router_logits: torch.Tensor, top_k: int):
     return torch.ops.mola.moe_lora_route(router_logits, int(top_k))
 
 
-def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
-    """The multiplier (0 or 1/(1-p), float32 ``[rows, cols]``) moe_lora applies for ``seed``."""
-    return torch.ops.mola._dropout_mask(seed, int(rows), int(cols), float(p))
+def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float, expert: Optional[int] = None
+                 ) -> torch.Tensor:
+    """The multiplier (0 or 1/(1-p), float32 ``[rows, cols]``) moe_lora applies to
+    x for ``seed``: expert ``expert``'s mask under per-expert masks, or the shared
+    mask (``expert=None``)."""
+    return torch.ops.mola._dropout_mask(seed, int(rows), int(cols), float(p), -1 if expert is None else int(expert))
+
+
+#: The two dropout-mask modes of the op (MoLAConfig.dropout_masks).
+DROPOUT_MASKS = ("per_expert", "shared")
+
+
+def shared_mask(dropout_masks: str) -> bool:
+    """``"per_expert"`` -> False, ``"shared"`` -> True (the op's shared_dropout_mask)."""
+    if dropout_masks not in DROPOUT_MASKS:
+        raise ValueError(f"dropout_masks={dropout_masks!r} is not one of {', '.join(DROPOUT_MASKS)}")
+    return dropout_masks == "shared"
+
+
+def resolve_compute(compute, num_experts: int, rank: int, per_expert_dropout: bool = False) -> str:
+    """The strategy ``compute`` stands for at this shape (C++'s one rule):
+    ``"dense"`` or ``"grouped"``."""
+    from . import _C
+    code = _C.resolve_compute(compute_code(compute), int(num_experts), int(rank), bool(per_expert_dropout))
+    return {1: "dense", 2: "grouped"}[code]
 
 
 __all__: List[str] = ["moe_lora", "load_balancing_loss", "moe_lora_route", "dropout_mask",
-                      "compute_code", "COMPUTE"]
+                      "compute_code", "COMPUTE", "cpu_computes_in_fp32", "DROPOUT_MASKS", "shared_mask",
+                      "resolve_compute"]
+
+
+def cpu_computes_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs ``dtype`` (bf16, fp16) work in fp32 from 16-bit storage:
+    true without native 16-bit matrix units (AVX-512 BF16 / AMX), where ATen's 16-bit
+    matmul falls to a slow path; the op and mola.CausalLM's frozen linears then compute
+    in fp32 and return 16-bit results."""
+    from . import _C
+    return bool(_C.cpu_computes_in_fp32(dtype))

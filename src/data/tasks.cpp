@@ -39,6 +39,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "mola/config.h"  // detail::names_nearest_first
 #include "mola/data/dataset.h"
 
 namespace mola::data {
@@ -63,27 +64,12 @@ std::string collapse_spaces(const std::string& s) {
   return out;
 }
 
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    cur[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j)
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
-    std::swap(prev, cur);
-  }
-  return prev[b.size()];
-}
-
 // Every value load_rows accepts for `task`, the nearest to `word` first.
 std::string valid_tasks_nearest_first(const std::string& word) {
   std::vector<std::string> names = task_names();
   names.insert(names.begin(), {"auto", "instruction"});
-  std::stable_sort(names.begin(), names.end(), [&](const std::string& a, const std::string& b) {
-    return edit_distance(word, a) < edit_distance(word, b);
-  });
   std::string out;
-  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  for (const auto& n : mola::detail::names_nearest_first(word, names)) out += (out.empty() ? "" : ", ") + n;
   return out;
 }
 

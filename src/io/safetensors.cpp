@@ -83,6 +83,15 @@ std::string nearest_names(const std::string& name, const std::vector<std::string
 
 }  // namespace
 
+// The mapped file, unmapped when the last of the file and its views lets go.
+struct SafetensorsFile::Mapping {
+  void* ptr = nullptr;
+  size_t size = 0;
+  ~Mapping() {
+    if (ptr != nullptr) ::munmap(ptr, size);
+  }
+};
+
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
   SafetensorsFile f;
   f.path_ = path;
@@ -98,9 +107,14 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     ::close(fd);
     fail(path, "file is ", size, " bytes, shorter than the 8-byte header length; it is truncated or not a safetensors file");
   }
-  void* m = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  // Private and writable: copy-on-write pages, so a view load() hands out may
+  // be changed in place without ever changing the file.
+  void* m = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   ::close(fd);  // the mapping keeps the file alive
   if (m == MAP_FAILED) fail(path, "mmap of ", size, " bytes failed: ", errno_text());
+  f.mapping_ = std::make_shared<Mapping>();
+  f.mapping_->ptr = m;
+  f.mapping_->size = size;
   f.map_ = static_cast<const uint8_t*>(m);
   f.map_size_ = size;
 
@@ -121,6 +135,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
 
 SafetensorsFile::SafetensorsFile(SafetensorsFile&& o) noexcept
     : path_(std::move(o.path_)),
+      mapping_(std::move(o.mapping_)),
       map_(std::exchange(o.map_, nullptr)),
       map_size_(std::exchange(o.map_size_, 0)),
       data_start_(o.data_start_),
@@ -131,6 +146,7 @@ SafetensorsFile& SafetensorsFile::operator=(SafetensorsFile&& o) noexcept {
   if (this != &o) {
     release();
     path_ = std::move(o.path_);
+    mapping_ = std::move(o.mapping_);
     map_ = std::exchange(o.map_, nullptr);
     map_size_ = std::exchange(o.map_size_, 0);
     data_start_ = o.data_start_;
@@ -143,7 +159,7 @@ SafetensorsFile& SafetensorsFile::operator=(SafetensorsFile&& o) noexcept {
 SafetensorsFile::~SafetensorsFile() { release(); }
 
 void SafetensorsFile::release() noexcept {
-  if (map_ != nullptr) ::munmap(const_cast<uint8_t*>(map_), map_size_);
+  mapping_.reset();  // unmapped once no view of it is left
   map_ = nullptr;
   map_size_ = 0;
 }
@@ -162,9 +178,7 @@ const TensorInfo& SafetensorsFile::info(const std::string& name) const {
   return it->second;
 }
 
-at::Tensor SafetensorsFile::get(const std::string& name, std::optional<at::ScalarType> dtype, at::Device device) const {
-  const TensorInfo& ti = info(name);
-  const at::ScalarType out_type = dtype.value_or(ti.scalar_type);
+at::Tensor SafetensorsFile::mapped(const std::string& name, const TensorInfo& ti) const {
   const uint8_t* bytes = map_ + data_start_ + ti.begin;
   const size_t nbytes = ti.end - ti.begin;
   // A bool byte other than 0 or 1 is undefined behaviour in torch's kernels.
@@ -173,21 +187,31 @@ at::Tensor SafetensorsFile::get(const std::string& name, std::optional<at::Scala
       if (bytes[i] > 1)
         fail(path_, "tensor ", quote(name), ": BOOL byte ", i, " is ", int(bytes[i]),
              ", not 0 or 1; the data is corrupt: re-download or re-save the file");
-
   const auto cpu = at::TensorOptions().dtype(ti.scalar_type);
-  at::Tensor t;
   // from_blob needs element alignment; a writer that did not pad its header
   // leaves the data misaligned, and then we copy the bytes out first.
-  if (nbytes == 0) {
-    t = at::empty(ti.shape, cpu);
-  } else if (reinterpret_cast<uintptr_t>(bytes) % at::elementSize(ti.scalar_type) == 0) {
-    t = at::from_blob(const_cast<uint8_t*>(bytes), ti.shape, cpu);
-  } else {
-    t = at::empty(ti.shape, cpu);
+  if (nbytes == 0) return at::empty(ti.shape, cpu);
+  if (reinterpret_cast<uintptr_t>(bytes) % at::elementSize(ti.scalar_type) != 0) {
+    at::Tensor t = at::empty(ti.shape, cpu);
     std::memcpy(t.data_ptr(), bytes, nbytes);
+    return t;
   }
-  // copy=true: the result must never alias the map, which munmap may free.
-  return t.to(device, out_type, /*non_blocking=*/false, /*copy=*/true);
+  // The view holds the mapping: it stays mapped while any view lives.
+  std::shared_ptr<Mapping> keep = mapping_;
+  return at::from_blob(const_cast<uint8_t*>(bytes), ti.shape, [keep](void*) mutable { keep.reset(); }, cpu);
+}
+
+at::Tensor SafetensorsFile::get(const std::string& name, std::optional<at::ScalarType> dtype, at::Device device) const {
+  const TensorInfo& ti = info(name);
+  // copy=true: the result never aliases the map.
+  return mapped(name, ti).to(device, dtype.value_or(ti.scalar_type), /*non_blocking=*/false, /*copy=*/true);
+}
+
+at::Tensor SafetensorsFile::load(const std::string& name, at::ScalarType dtype, at::Device device) const {
+  const TensorInfo& ti = info(name);
+  at::Tensor t = mapped(name, ti);
+  if (device.is_cpu() && ti.scalar_type == dtype) return t;  // the mapped bytes themselves (or their aligned copy)
+  return t.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path, std::optional<at::ScalarType> dtype) {
@@ -278,7 +302,7 @@ void save_safetensors(const std::string& path, const std::map<std::string, at::T
   }
 }
 
-std::map<std::string, at::Tensor> load_sharded(const std::string& dir_or_index, std::optional<at::ScalarType> dtype) {
+std::vector<CheckpointShard> checkpoint_shards(const std::string& dir_or_index) {
   struct stat st {};
   if (::stat(dir_or_index.c_str(), &st) != 0)
     fail(dir_or_index, "cannot open: ", errno_text(), "; give a checkpoint directory, an index .json or a .safetensors file");
@@ -290,13 +314,13 @@ std::map<std::string, at::Tensor> load_sharded(const std::string& dir_or_index, 
     if (::stat(idx.c_str(), &s2) == 0) {
       index = idx;
     } else if (::stat(single.c_str(), &s2) == 0) {
-      return load_safetensors(single, dtype);
+      return {{single, {}}};
     } else {
       fail(dir_or_index, "directory has neither model.safetensors.index.json nor model.safetensors; "
                          "give the directory of a Hugging Face safetensors checkpoint");
     }
   } else if (index.size() < 5 || index.compare(index.size() - 5, 5, ".json") != 0) {
-    return load_safetensors(index, dtype);
+    return {{index, {}}};
   }
 
   std::ifstream in(index);
@@ -318,12 +342,24 @@ std::map<std::string, at::Tensor> load_sharded(const std::string& dir_or_index, 
     by_shard[shard.get<std::string>()].push_back(name);
   }
   const std::string dir = dir_of(index);
+  std::vector<CheckpointShard> out;
+  for (auto& [shard, names] : by_shard) {
+    const std::string path = shard.size() && shard[0] == '/' ? shard : dir + "/" + shard;
+    struct stat s3 {};
+    if (::stat(path.c_str(), &s3) != 0)
+      fail(path, "cannot open: ", errno_text(), "; ", index, " lists it as a shard: re-download the checkpoint");
+    out.push_back({path, std::move(names)});
+  }
+  return out;
+}
+
+std::map<std::string, at::Tensor> load_sharded(const std::string& dir_or_index, std::optional<at::ScalarType> dtype) {
   std::map<std::string, at::Tensor> out;
-  for (const auto& [shard, names] : by_shard) {
-    const SafetensorsFile f = SafetensorsFile::open(shard.size() && shard[0] == '/' ? shard : dir + "/" + shard);
-    for (const auto& name : names) {
+  for (const auto& shard : checkpoint_shards(dir_or_index)) {
+    const SafetensorsFile f = SafetensorsFile::open(shard.path);
+    for (const auto& name : shard.names.empty() ? f.names() : shard.names) {
       if (!f.contains(name))
-        fail(f.path(), "tensor ", quote(name), " is listed in ", index, " but missing from this shard; ",
+        fail(f.path(), "tensor ", quote(name), " is listed in the index but missing from this shard; ",
              nearest_names(name, f.names()), "; the index and shards are from different checkpoints: re-download them");
       out.emplace(name, f.get(name, dtype));
     }

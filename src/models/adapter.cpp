@@ -5,7 +5,10 @@
 // model, and the file format is a contract of its own (design.md 6.4).
 #include "mola/models/adapter.h"
 
+#include "detail/parameters.h"
 #include "detail/text.h"
+
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <mola/io/safetensors.h>
 
@@ -17,6 +20,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
@@ -29,6 +33,13 @@ using mola::detail::cat;
 using mola::detail::shape_str;
 
 std::string layer_path(int64_t layer) { return cat("model.layers.", layer); }
+
+// The adapter trains in fp32 over a 16-bit base (its AdamW state then is
+// fp32 too), as PEFT's autocast_adapter_dtype; the forward casts it to the
+// activations' dtype.
+at::ScalarType adapter_dtype(at::ScalarType base) {
+  return base == at::kBFloat16 || base == at::kHalf ? at::kFloat : base;
+}
 
 // "a", "b", "c" and 3 more: for messages listing keys.
 std::string list_some(const std::vector<std::string>& names) {
@@ -155,15 +166,21 @@ void CausalLMImpl::attach(const ResolvedAdapter& r) {
                                .rank(r.rank[i])
                                .alpha(r.alpha)
                                .dropout(r.dropout)
+                               .dropout_masks(r.dropout_masks)
                                .compute(compute)
                                .layer_index(l)
                                .init(r.init);
-      p->attach(nn::MoLAAdapter(options, p->weight.options()));
+      p->attach(nn::MoLAAdapter(options, p->weight.options().dtype(adapter_dtype(p->weight.scalar_type()))));
       // PiSSA moves the top-r singular part of the weight into the experts
       // (nn::detail::pissa_init); load_adapter attaches through here, so a saved
       // PiSSA adapter finds the same adjusted weight in a fresh base model.
-      if (r.init == "pissa") nn::detail::pissa_init(p->weight, p->mola->lora_a, p->mola->lora_b, r.scaling[i]);
+      if (r.init == "pissa") {
+        nn::detail::pissa_init(p->weight, p->mola->lora_a, p->mola->lora_b, r.scaling[i]);
+        p->mola->pissa_a0 = p->mola->lora_a[0].detach().clone();  // [r, in], the base model's principal part
+        p->mola->pissa_b0 = p->mola->lora_b[0].detach().clone();  // [out, r]
+      }
       p->mola->train(is_training());
+      p->adapter_enabled = adapter_enabled_;
     }
   }
   if (r.is_molex()) {
@@ -175,7 +192,8 @@ void CausalLMImpl::attach(const ResolvedAdapter& r) {
                                .alpha_learned(r.molex_alpha_learned)
                                .gate_grad(r.molex_gate_grad)
                                .exclude_self(r.molex_exclude_self);
-      layer->attach_molex(nn::MoLExGate(options, model->embed_tokens->weight.options()));
+      const at::Tensor& ref = model->embed_tokens->weight;
+      layer->attach_molex(nn::MoLExGate(options, ref.options().dtype(adapter_dtype(ref.scalar_type()))));
       layer->molex->train(is_training());
     }
   }
@@ -188,6 +206,104 @@ void CausalLMImpl::attach(const ResolvedAdapter& r) {
       for (auto& param : layer->as<DecoderLayerImpl>()->molex->parameters()) param.requires_grad_(true);
   adapter_ = r;
   if (adapter_->base_model_name.empty()) adapter_->base_model_name = name_or_path;
+}
+
+void CausalLMImpl::set_adapter_enabled(bool enabled) {
+  if (!adapter_)
+    throw std::logic_error("CausalLM.adapter_enabled: the model has no adapter to switch; attach or load one first");
+  adapter_enabled_ = enabled;
+  for (auto& a : adapted_projections()) a.module->adapter_enabled = enabled;
+  for (const auto& layer : *model->layers)
+    if (layer->as<DecoderLayerImpl>()->has_molex()) layer->as<DecoderLayerImpl>()->molex->enabled = enabled;
+}
+
+void CausalLMImpl::detach_adapter() {
+  if (!adapter_) throw std::logic_error("CausalLM.detach_adapter: the model has no adapter; nothing to take out");
+  for (auto& a : adapted_projections()) a.module->detach();
+  for (const auto& layer : *model->layers) {
+    auto* l = layer->as<DecoderLayerImpl>();
+    if (l->has_molex()) {
+      l->unregister_module("molex");
+      l->molex = nn::MoLExGate(nullptr);
+    }
+  }
+  // attach froze the base; it trains again, as before attach.
+  for (auto& param : parameters(/*recurse=*/true)) param.requires_grad_(true);
+  adapter_.reset();
+  adapter_enabled_ = true;
+}
+
+CausalLMImpl::State CausalLMImpl::state() const {
+  State st;
+  st.config = config();
+  st.name_or_path = name_or_path;
+  st.adapter = adapter_;
+  for (const auto& p : named_parameters(/*recurse=*/true)) {
+    st.tensors[p.key()] = p.value();
+    if (p.value().requires_grad()) st.trainable.push_back(p.key());
+  }
+  for (const auto& a : adapted_projections())
+    if (a.module->mola->pissa_a0.defined()) {
+      st.tensors[a.path + ".mola.pissa_a0"] = a.module->mola->pissa_a0;
+      st.tensors[a.path + ".mola.pissa_b0"] = a.module->mola->pissa_b0;
+    }
+  st.training = is_training();
+  st.gradient_checkpointing = gradient_checkpointing();
+  st.adapter_enabled = adapter_enabled_;
+  return st;
+}
+
+std::shared_ptr<CausalLMImpl> CausalLMImpl::from_state(const State& st, bool clone) {
+  std::shared_ptr<CausalLMImpl> out;
+  {
+    // Uninitialised CPU tensors (pages never touched) that the state's tensors replace.
+    mola::detail::ParameterScope scope(at::TensorOptions().dtype(at::kFloat));
+    out = std::make_shared<CausalLMImpl>(st.config);
+    out->name_or_path = st.name_or_path;
+    if (st.adapter) {
+      // Attached as "kaiming" so that PiSSA's SVD does not run again (its result
+      // is in the tensors); the MoLEx gates' Linear draws its init from the CPU
+      // generator, which is put back.
+      ResolvedAdapter plain = *st.adapter;
+      plain.init = "kaiming";
+      auto gen = at::detail::getDefaultCPUGenerator();
+      at::Tensor rng;
+      {
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        rng = gen.get_state();
+      }
+      out->attach(plain);
+      {
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        gen.set_state(rng);
+      }
+      out->adapter_ = *st.adapter;
+    }
+  }
+  const auto take = [&](const std::string& key, const at::Tensor& like) {
+    const auto it = st.tensors.find(key);
+    if (it == st.tensors.end())
+      throw std::invalid_argument(cat("CausalLM state: no tensor \"", key, "\"; the state is incomplete"));
+    if (like.defined() && it->second.sizes() != like.sizes())
+      throw std::invalid_argument(cat("CausalLM state: \"", key, "\" has shape ", shape_str(it->second.sizes()),
+                                      " but the model needs ", shape_str(like.sizes())));
+    return clone ? it->second.detach().clone() : it->second.detach();
+  };
+  at::NoGradGuard no_grad;
+  for (auto& p : out->named_parameters(/*recurse=*/true)) p.value().set_data(take(p.key(), p.value()));
+  for (auto& a : out->adapted_projections())
+    if (st.tensors.count(a.path + ".mola.pissa_a0")) {
+      a.module->mola->pissa_a0 = take(a.path + ".mola.pissa_a0", at::Tensor());
+      a.module->mola->pissa_b0 = take(a.path + ".mola.pissa_b0", at::Tensor());
+    }
+  auto params = out->named_parameters(/*recurse=*/true);
+  for (auto& p : params) p.value().requires_grad_(false);
+  for (const auto& key : st.trainable)
+    if (params.contains(key)) params[key].requires_grad_(true);
+  out->train(st.training);
+  out->set_gradient_checkpointing(st.gradient_checkpointing);
+  if (out->adapter_) out->set_adapter_enabled(st.adapter_enabled);
+  return out;
 }
 
 const ResolvedAdapter& CausalLMImpl::adapter_config() const {
@@ -207,14 +323,15 @@ std::vector<CausalLMImpl::AdaptedProjection> CausalLMImpl::adapted_projections()
   return out;
 }
 
-at::Tensor CausalLMImpl::aux_loss(std::optional<double> coef, const std::optional<at::Tensor>& mask) const {
+at::Tensor CausalLMImpl::aux_loss(std::optional<double> coef, const std::optional<at::Tensor>& mask) {
   const ResolvedAdapter& r = adapter_config();
   std::vector<std::vector<at::Tensor>> per_layer(static_cast<size_t>(r.num_layers));
-  for (const auto& a : adapted_projections()) {
-    const at::Tensor& logits = a.module->mola->router_logits;  // [tokens, E]
-    if (!logits.defined())
+  for (auto& a : adapted_projections()) {
+    std::vector<at::Tensor> logits = a.module->mola->take_router_logits();  // each [tokens, E]
+    if (logits.empty())
       throw std::logic_error(cat("CausalLM.aux_loss: ", a.path, " has no router logits; run a forward first"));
-    per_layer[static_cast<size_t>(a.layer)].push_back(logits);
+    auto& layer = per_layer[static_cast<size_t>(a.layer)];
+    layer.insert(layer.end(), logits.begin(), logits.end());
   }
   std::vector<at::Tensor> stacked;
   for (auto& logits : per_layer) stacked.push_back(at::cat(logits, 0));  // [modules * tokens, E_l]
@@ -271,7 +388,11 @@ void save_adapter(const CausalLMImpl& model, const std::string& dir) {
                        {{"format", "pt"}, {"method", model.adapter_config().method}});
 }
 
-void load_adapter(CausalLMImpl& model, const std::string& dir) {
+void load_adapter(CausalLMImpl& model, const std::string& dir_or_checkpoint, bool is_trainable) {
+  // A whole-model directory keeps its adapter in mola_adapter/.
+  std::string dir = dir_or_checkpoint;
+  if (!exists(dir + "/" + kAdapterConfigFile) && exists(dir + "/mola_adapter/" + kAdapterConfigFile))
+    dir += "/mola_adapter";
   const std::string config_path = dir + "/" + kAdapterConfigFile;
   const std::string weights_path = dir + "/" + kAdapterWeightsFile;
   if (!is_dir(dir))
@@ -328,8 +449,12 @@ void load_adapter(CausalLMImpl& model, const std::string& dir) {
                                     "; check that its targets match the file"));
 
   if (!model.has_adapter()) model.attach(r);
-  at::NoGradGuard no_grad;
-  for (auto& [key, param] : adapter_state_dict(model)) param.copy_(loaded.at(key));  // casts dtype, moves device
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [key, param] : adapter_state_dict(model)) param.copy_(loaded.at(key));  // casts dtype, moves device
+  }
+  for (auto& [key, param] : adapter_state_dict(model)) param.requires_grad_(is_trainable);
+  if (!is_trainable) model.eval();
 }
 
 }  // namespace mola::models

@@ -9,9 +9,10 @@
 //   dropout   the MoLA op draws its dropout seed from the default CPU
 //             generator; its state is saved before the forward and replayed
 //             for the recompute, then the caller's state is put back.
-//   routers   aux_loss reads each adapter's router_logits of the last
-//             forward; they are outputs of the Function too, so the
-//             load-balancing loss still reaches the routers.
+//   routers   aux_loss reads the router logits each adapter recorded;
+//             they are outputs of the Function too, so the load-balancing
+//             loss still reaches the routers, and the recompute's own are
+//             put back to what the forward recorded.
 #include "mola/models/decoder.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -87,8 +88,8 @@ struct LayerCheckpoint : public torch::autograd::Function<LayerCheckpoint> {
     // The recompute must not disturb what the last forward left behind: the
     // caller's generator state and the adapters' router_logits.
     const auto adapters = adapters_of(layer);
-    std::vector<at::Tensor> kept_logits;
-    for (auto* a : adapters) kept_logits.push_back(a->router_logits);
+    std::vector<nn::MoLAAdapterImpl::Routing> kept;
+    for (auto* a : adapters) kept.push_back(a->routing());
     const at::Tensor caller_rng = cpu_rng_state();
     set_cpu_rng_state(ctx->saved_data["rng"].toTensor());
     variable_list outputs;
@@ -97,7 +98,7 @@ struct LayerCheckpoint : public torch::autograd::Function<LayerCheckpoint> {
       outputs = run_layer(layer, x, cos, sin, mask);
     }
     set_cpu_rng_state(caller_rng);
-    for (size_t i = 0; i < adapters.size(); ++i) adapters[i]->router_logits = kept_logits[i];
+    for (size_t i = 0; i < adapters.size(); ++i) adapters[i]->set_routing(std::move(kept[i]));
 
     // Differentiate w.r.t. x (when it needs it) and the trainable parameters
     // in the order forward got them.
@@ -144,7 +145,7 @@ at::Tensor checkpointed_layer_forward(DecoderLayerImpl& layer, const at::Tensor&
   // The router logits handed back by the Function carry its grad_fn, so
   // aux_loss on them differentiates through the recompute.
   const auto adapters = adapters_of(layer);
-  for (size_t i = 0; i < adapters.size(); ++i) adapters[i]->router_logits = out[1 + i];
+  for (size_t i = 0; i < adapters.size(); ++i) adapters[i]->record_routing(out[1 + i]);
   return out[0];
 }
 

@@ -5,6 +5,7 @@
 // layers.cpp.
 #include "mola/models/decoder.h"
 
+#include "detail/parameters.h"
 #include "detail/text.h"
 
 #include <mola/io/safetensors.h>
@@ -143,7 +144,11 @@ std::string checkpoint_name(const std::string& dir) {
 // ---- DecoderModel -------------------------------------------------------------------
 
 DecoderModelImpl::DecoderModelImpl(const ModelConfig& c) : config(c) {
-  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  // Given its weight, Embedding skips its own initialisation (CausalLM's, a
+  // checkpoint's or a copy's follows).
+  embed_tokens = register_module(
+      "embed_tokens", torch::nn::Embedding(torch::nn::EmbeddingOptions(c.vocab_size, c.hidden_size)
+                                               ._weight(mola::detail::new_parameter({c.vocab_size, c.hidden_size}))));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c));
   norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.family == ModelFamily::kGemma));
@@ -187,8 +192,9 @@ at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::opt
     const at::Tensor padding = past == 0 && padded ? attention_mask->ne(0).to(h.device()) : at::Tensor();
     for (size_t i = 0; i < layers->size(); ++i) {
       auto& l = *(*layers)[i]->as<DecoderLayerImpl>();
-      h = l.has_molex() ? molex_layer_forward(*this, static_cast<int64_t>(i), h, cos, sin, mask, padding, cache, false)
-                        : l.forward(h, cos, sin, mask, &cache->keys[i], &cache->values[i]);
+      h = l.has_molex() && l.molex->enabled
+              ? molex_layer_forward(*this, static_cast<int64_t>(i), h, cos, sin, mask, padding, cache, false)
+              : l.forward(h, cos, sin, mask, &cache->keys[i], &cache->values[i]);
     }
     return norm->forward(h);
   }
@@ -199,7 +205,7 @@ at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::opt
   const at::Tensor padding = attention_mask.has_value() ? attention_mask->ne(0).to(h.device()) : at::Tensor();
   for (size_t i = 0; i < layers->size(); ++i) {
     auto& l = *(*layers)[i]->as<DecoderLayerImpl>();
-    if (l.has_molex())
+    if (l.has_molex() && l.molex->enabled)
       h = molex_layer_forward(*this, static_cast<int64_t>(i), h, cos, sin, mask, padding, nullptr, checkpoint);
     else
       h = checkpoint ? checkpointed_layer_forward(l, h, cos, sin, mask) : l.forward(h, cos, sin, mask);
@@ -212,7 +218,8 @@ at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::opt
 CausalLMImpl::CausalLMImpl(const ModelConfig& c) {
   model = register_module("model", DecoderModel(c));
   if (!c.tie_word_embeddings)
-    lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
+    lm_head = register_module("lm_head", AdaptableLinear(c.hidden_size, c.vocab_size, /*bias=*/false));
+  if (!mola::detail::initialise_parameters()) return;  // a checkpoint or a copy fills them
   // transformers' _init_weights: normal(0, initializer_range = 0.02) for
   // linear and embedding weights, zero biases; norms keep their neutral
   // weight from the constructor.
@@ -266,48 +273,60 @@ CausalLMOutput CausalLMImpl::forward(const at::Tensor& input_ids, const std::opt
   return out;
 }
 
-void CausalLMImpl::load_weights(std::map<std::string, at::Tensor> weights, const std::string& source) {
-  auto params = named_parameters(/*recurse=*/true);
+namespace {
+
+// The checkpoint's tensors (name -> shape) against the parameters: every
+// parameter present with its shape, nothing left over but what carries
+// nothing new (rotary inv_freq buffers; a tied head written out anyway).
+void check_checkpoint(const CausalLMImpl& model, const std::map<std::string, std::vector<int64_t>>& shapes,
+                      const std::string& source) {
+  const auto params = model.named_parameters(/*recurse=*/true);
   std::vector<std::string> missing;
   for (const auto& p : params) {
-    const auto it = weights.find(p.key());
-    if (it == weights.end()) {
+    const auto it = shapes.find(p.key());
+    if (it == shapes.end()) {
       missing.push_back(p.key());
       continue;
     }
-    if (it->second.sizes() != p.value().sizes())
-      throw std::invalid_argument(cat(source, ": tensor \"", p.key(), "\" has shape ", shape_str(it->second.sizes()),
+    if (at::IntArrayRef(it->second) != p.value().sizes())
+      throw std::invalid_argument(cat(source, ": tensor \"", p.key(), "\" has shape ", shape_str(it->second),
                                       " in the checkpoint but the model built from config.json expects ",
                                       shape_str(p.value().sizes()),
                                       "; the weights and config.json belong to different models"));
   }
-  if (!missing.empty()) {
-    std::string names;
-    for (size_t i = 0; i < missing.size() && i < 5; ++i) names += cat(i ? ", " : "", "\"", missing[i], "\"");
-    if (missing.size() > 5) names += cat(" and ", missing.size() - 5, " more");
+  const auto some = [](const std::vector<std::string>& names) {
+    std::string out;
+    for (size_t i = 0; i < names.size() && i < 5; ++i) out += cat(i ? ", " : "", "\"", names[i], "\"");
+    if (names.size() > 5) out += cat(" and ", names.size() - 5, " more");
+    return out;
+  };
+  if (!missing.empty())
     throw std::invalid_argument(cat(source, ": the checkpoint lacks ", missing.size(), " tensor(s) the ",
-                                    config().model_type, " architecture of config.json needs: ", names,
+                                    model.config().model_type, " architecture of config.json needs: ", some(missing),
                                     "; the checkpoint is incomplete or was saved for another model"));
-  }
   std::vector<std::string> extra;
-  for (const auto& [name, tensor] : weights) {
+  for (const auto& [name, shape] : shapes) {
     if (params.contains(name)) continue;
     // Buffers older transformers versions saved, and a tied head written out
     // anyway: both are recomputed or shared here, so they carry nothing new.
     if (ends_with(name, "rotary_emb.inv_freq")) continue;
-    if (name == "lm_head.weight" && config().tie_word_embeddings) continue;
+    if (name == "lm_head.weight" && model.config().tie_word_embeddings) continue;
     extra.push_back(name);
   }
-  if (!extra.empty()) {
-    std::string names;
-    for (size_t i = 0; i < extra.size() && i < 5; ++i) names += cat(i ? ", " : "", "\"", extra[i], "\"");
-    if (extra.size() > 5) names += cat(" and ", extra.size() - 5, " more");
+  if (!extra.empty())
     throw std::invalid_argument(cat(source, ": the checkpoint has ", extra.size(), " tensor(s) the ",
-                                    config().model_type, " architecture of config.json does not use: ", names,
-                                    "; config.json and the weights belong to different models"));
-  }
+                                    model.config().model_type, " architecture of config.json does not use: ",
+                                    some(extra), "; config.json and the weights belong to different models"));
+}
+
+}  // namespace
+
+void CausalLMImpl::load_weights(std::map<std::string, at::Tensor> weights, const std::string& source) {
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& [name, t] : weights) shapes[name] = t.sizes().vec();
+  check_checkpoint(*this, shapes, source);
   at::NoGradGuard no_grad;
-  for (auto& p : params) {
+  for (auto& p : named_parameters(/*recurse=*/true)) {
     at::Tensor& t = weights.at(p.key());
     // Adopting the loaded storage avoids a second copy of a large model;
     // a copy is needed only across devices or dtypes.
@@ -317,8 +336,56 @@ void CausalLMImpl::load_weights(std::map<std::string, at::Tensor> weights, const
   }
 }
 
+void CausalLMImpl::load_checkpoint(const std::string& dir, at::ScalarType dtype, at::Device device) {
+  // Every shard's header first: names and shapes are checked before any data is read.
+  const std::vector<io::CheckpointShard> shards = io::checkpoint_shards(dir);
+  std::map<std::string, std::vector<int64_t>> shapes;
+  for (const auto& shard : shards) {
+    const io::SafetensorsFile f = io::SafetensorsFile::open(shard.path);
+    for (const auto& name : shard.names.empty() ? f.names() : shard.names) {
+      if (!f.contains(name))
+        throw io::SafetensorsError(cat("safetensors: ", f.path(), ": tensor '", name, "' is listed in the index of ",
+                                       dir, " but missing from this shard; the index and shards are from different "
+                                       "checkpoints: re-download them"));
+      shapes[name] = f.info(name).shape;
+    }
+  }
+  check_checkpoint(*this, shapes, dir);
+  // Then shard by shard: each parameter takes its tensor in `dtype` on
+  // `device`, viewing the mapped file when it already is that (a CPU model in
+  // the file's dtype: no copy); otherwise one tensor is converted at a time,
+  // and a shard's map is let go once its tensors are placed.
+  auto params = named_parameters(/*recurse=*/true);
+  at::NoGradGuard no_grad;
+  for (const auto& shard : shards) {
+    const io::SafetensorsFile f = io::SafetensorsFile::open(shard.path);
+    for (const auto& name : shard.names.empty() ? f.names() : shard.names) {
+      at::Tensor* param = params.find(name);
+      if (param == nullptr) continue;  // checked above: inv_freq, a tied head
+      param->set_data(f.load(name, dtype, device));
+    }
+  }
+}
+
+void check_device(const at::Device& device, const std::string& fix) {
+  if (!device.is_cuda()) {
+    require(device.is_cpu(), "device '", device.str(), "' is not one mola runs on (cpu, cuda, cuda:N); ", fix);
+    return;
+  }
+#ifndef MOLA_WITH_CUDA
+  require(false, "device '", device.str(), "': this build of mola has no CUDA kernels (it was compiled without "
+          "nvcc); ", fix, ", or rebuild mola where the CUDA toolkit is installed");
+#endif
+  const int64_t found = at::hasCUDA() ? static_cast<int64_t>(at::getNumGPUs()) : 0;
+  require(found > 0, "device '", device.str(), "': no usable CUDA GPU was found (torch sees none: no GPU, or no "
+          "NVIDIA driver); ", fix);
+  require(!device.has_index() || device.index() < found, "device '", device.str(), "': only ", found,
+          " CUDA GPU(s) were found (cuda:0", found > 1 ? cat(" to cuda:", found - 1) : std::string(), "); ", fix);
+}
+
 std::shared_ptr<CausalLMImpl> CausalLMImpl::from_pretrained(const std::string& dir, at::ScalarType dtype,
                                                             at::Device device) {
+  check_device(device, "load on the CPU with device=\"cpu\"");
   if (!exists(dir))
     throw ModelFileNotFoundError(cat(dir, ": no such checkpoint directory; give a directory holding a Hugging Face "
                                           "checkpoint (config.json and model.safetensors)"));
@@ -328,11 +395,16 @@ std::shared_ptr<CausalLMImpl> CausalLMImpl::from_pretrained(const std::string& d
                                           "weights are read (re-save with save_pretrained(safe_serialization=True))"));
   require(at::isFloatingType(dtype), "CausalLM.from_pretrained: dtype must be a floating type (float32, "
                                                "bfloat16, float16), got ", dtype);
-  auto model = std::make_shared<CausalLMImpl>(config);
+  std::shared_ptr<CausalLMImpl> model;
+  {
+    // Parameters made in `dtype` and left uninitialised (their pages never
+    // touched) until the checkpoint's tensors replace them.
+    mola::detail::ParameterScope scope(at::TensorOptions().dtype(dtype));
+    model = std::make_shared<CausalLMImpl>(config);
+  }
   model->name_or_path = checkpoint_name(dir);
-  model->to(dtype);
-  model->load_weights(io::load_sharded(dir, dtype), dir);
-  model->to(device);
+  model->load_checkpoint(dir, dtype, device);
+  model->eval();
   return model;
 }
 

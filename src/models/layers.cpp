@@ -10,6 +10,11 @@
 // dtype before use, softmax inside scaled_dot_product_attention.
 #include "mola/models/decoder.h"
 
+#include "detail/parameters.h"
+#include "ops/cpu/low_precision.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <cmath>
 #include <stdexcept>
 
@@ -34,23 +39,81 @@ at::Tensor rotate_half(const at::Tensor& x) {
 
 AdaptableLinearImpl::AdaptableLinearImpl(int64_t in, int64_t out, bool has_bias)
     : in_features(in), out_features(out) {
+  weight = register_parameter("weight", mola::detail::new_parameter({out, in}));     // [out, in]
+  if (has_bias) bias = register_parameter("bias", mola::detail::new_parameter({out}));  // [out]
+  if (!mola::detail::initialise_parameters()) return;  // a checkpoint or a copy fills them
   // torch.nn.Linear's initialisation (kaiming_uniform_(a = sqrt(5)), i.e.
   // U(-1/sqrt(in), 1/sqrt(in)), and the same bound for the bias); CausalLM
-  // overwrites it with transformers' init or the checkpoint.
+  // overwrites it with transformers' init.
+  at::NoGradGuard no_grad;
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-  weight = register_parameter("weight", at::empty({out, in}).uniform_(-bound, bound));  // [out, in]
-  if (has_bias) bias = register_parameter("bias", at::empty({out}).uniform_(-bound, bound));  // [out]
+  weight.uniform_(-bound, bound);
+  if (has_bias) bias.uniform_(-bound, bound);
 }
 
 at::Tensor AdaptableLinearImpl::forward(const at::Tensor& x) {
   const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-  if (mola) return mola->forward(x, weight, b);
-  return at::linear(x, weight, b);
+  if (mola && adapter_enabled) return mola->forward(x, weight, b);
+  return base_forward(x);
+}
+
+namespace {
+
+// x W^T + b with a frozen 16-bit W on a CPU without native 16-bit matmul
+// (ops/cpu/low_precision.h): fp32 compute from the 16-bit weight, block by
+// block, forward and backward (dx = dy W is the product ATen would run on its
+// slow path). Only x gets a gradient.
+struct FrozenLinear16 : public torch::autograd::Function<FrozenLinear16> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+    ctx->saved_data["weight"] = weight;
+    const at::Tensor flat = x.reshape({-1, x.size(-1)}).to(at::kFloat);
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = weight.size(0);
+    return mola::detail::linear_from_16bit(flat, weight, bias).to(x.scalar_type()).view(shape);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor weight = ctx->saved_data["weight"].toTensor();
+    const at::Tensor& dy = grads[0];
+    const at::Tensor flat = dy.reshape({-1, dy.size(-1)}).to(at::kFloat);
+    at::Tensor dx = at::zeros({flat.size(0), weight.size(1)}, flat.options());
+    mola::detail::addmm_from_16bit_(dx, flat, weight);
+    std::vector<int64_t> shape = dy.sizes().vec();
+    shape.back() = weight.size(1);
+    return {dx.to(dy.scalar_type()).view(shape), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor AdaptableLinearImpl::base_forward(const at::Tensor& x) {
+  const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  const bool frozen = !weight.requires_grad() && !(bias.defined() && bias.requires_grad());
+  at::Tensor y = frozen && mola::detail::compute_in_fp32_on_cpu(weight) && x.scalar_type() == weight.scalar_type()
+                     ? FrozenLinear16::apply(x, weight, b)
+                     : at::linear(x, weight, b);
+  if (mola && mola->pissa_a0.defined())  // PiSSA: the principal part lives in the adapter's start
+    y = y + mola->scaling() * at::linear(at::linear(x, mola->pissa_a0.to(x.scalar_type())),
+                                         mola->pissa_b0.to(x.scalar_type()));
+  return y;
 }
 
 void AdaptableLinearImpl::attach(nn::MoLAAdapter adapter) {
   TORCH_CHECK(!mola, "AdaptableLinear.attach: this projection already has an adapter");
   mola = register_module("mola", std::move(adapter));
+}
+
+void AdaptableLinearImpl::detach() {
+  if (!mola) return;
+  if (mola->pissa_a0.defined()) {
+    at::NoGradGuard no_grad;
+    const at::ScalarType ct = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    weight.copy_(weight.to(ct) + mola->scaling() * mola->pissa_b0.to(ct).matmul(mola->pissa_a0.to(ct)));
+  }
+  unregister_module("mola");
+  mola = nn::MoLAAdapter(nullptr);
+  adapter_enabled = true;
 }
 
 const std::vector<std::string>& projection_names() {
@@ -63,7 +126,9 @@ const std::vector<std::string>& projection_names() {
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, bool unit_offset_) : eps(eps_), unit_offset(unit_offset_) {
   // Gemma stores w with scale (1 + w), so its neutral weight is 0.
-  weight = register_parameter("weight", unit_offset ? at::zeros({dim}) : at::ones({dim}));
+  weight = register_parameter("weight", mola::detail::new_parameter({dim}));
+  at::NoGradGuard no_grad;
+  if (mola::detail::initialise_parameters()) weight.fill_(unit_offset ? 0.0 : 1.0);
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {

@@ -38,14 +38,14 @@ at::Tensor rows_of(const at::Tensor& t, const at::Tensor& rows, int64_t batch) {
 at::Tensor run_branch(DecoderLayerImpl& layer, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       const at::Tensor& mask, bool checkpoint, at::Tensor* past_key = nullptr,
                       at::Tensor* past_value = nullptr) {
-  std::vector<std::pair<nn::MoLAAdapterImpl*, at::Tensor>> kept;
+  std::vector<std::pair<nn::MoLAAdapterImpl*, nn::MoLAAdapterImpl::Routing>> kept;
   for (const auto& name : projection_names()) {
     AdaptableLinear p = layer.projection(name);
-    if (p->attached()) kept.emplace_back(p->mola.get(), p->mola->router_logits);
+    if (p->attached()) kept.emplace_back(p->mola.get(), p->mola->routing());
   }
   const at::Tensor out = checkpoint ? checkpointed_layer_forward(layer, x, cos, sin, mask)
                                     : layer.forward(x, cos, sin, mask, past_key, past_value);
-  for (auto& [adapter, logits] : kept) adapter->router_logits = logits;
+  for (auto& [adapter, routing] : kept) adapter->set_routing(std::move(routing));
   return out;
 }
 

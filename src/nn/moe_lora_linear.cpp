@@ -2,7 +2,12 @@
 // math is the op's.
 #include <mola/nn/moe_lora_linear.h>
 
+#include "detail/parameters.h"
+
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +27,8 @@ void check_options(const MoLALinearOptions& o, const char* who) {
   TORCH_CHECK_VALUE(o.dropout() >= 0.0 && o.dropout() < 1.0, who, ": dropout (", o.dropout(), ") must be in [0, 1)");
   TORCH_CHECK_VALUE(o.init() == "kaiming" || o.init() == "gaussian" || o.init() == "pissa", who, ": init \"",
                     o.init(), "\" is not one of kaiming, gaussian, pissa");
+  TORCH_CHECK_VALUE(o.dropout_masks() == "per_expert" || o.dropout_masks() == "shared", who, ": dropout_masks \"",
+                    o.dropout_masks(), "\" is not one of per_expert, shared");
 }
 
 void reset_adapter_parameters(at::Tensor& router, at::Tensor& lora_a, at::Tensor& lora_b, const std::string& init) {
@@ -58,8 +65,12 @@ void pissa_init(at::Tensor& weight, at::Tensor& lora_a, at::Tensor& lora_b, doub
 
 std::tuple<at::Tensor, at::Tensor> adapter_forward(const MoLALinearOptions& o, bool training, const at::Tensor& x,
                                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                                   const at::Tensor& router, const at::Tensor& lora_a,
-                                                   const at::Tensor& lora_b) {
+                                                   const at::Tensor& router_param, const at::Tensor& lora_a_param,
+                                                   const at::Tensor& lora_b_param) {
+  // An fp32 adapter over a 16-bit base computes in the activations' dtype; the
+  // casts are differentiable, so its gradients arrive in fp32.
+  const auto as_x = [&](const at::Tensor& t) { return t.scalar_type() == x.scalar_type() ? t : t.to(x.scalar_type()); };
+  const at::Tensor router = as_x(router_param), lora_a = as_x(lora_a_param), lora_b = as_x(lora_b_param);
   std::optional<at::Tensor> seed;
   if (training && o.dropout() > 0.0) {
     // A fresh mask per call, drawn from torch's default generator (so
@@ -71,7 +82,43 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(const MoLALinearOptions& o, b
     seed = at::randint(std::numeric_limits<int64_t>::max(), {1}, at::TensorOptions(at::kLong));
   }
   return ops::moe_lora(x, weight, bias, router, lora_a, lora_b, o.top_k(), o.alpha() / static_cast<double>(o.rank()),
-                       o.dropout(), training, o.compute(), seed);
+                       o.dropout(), training, o.compute(), seed, o.dropout_masks() == "shared");
+}
+
+namespace {
+
+// Drops one forward's logits from a RouterLog when a backward pass runs
+// through the autograd node that made them (see RouterLog).
+struct SpentForward : torch::autograd::FunctionPreHook {
+  SpentForward(const std::shared_ptr<std::vector<at::Tensor>>& pending, const at::Tensor& logits)
+      : pending(pending), logits(logits.unsafeGetTensorImpl()) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    if (auto p = pending.lock())
+      p->erase(std::remove_if(p->begin(), p->end(),
+                              [&](const at::Tensor& t) { return t.unsafeGetTensorImpl() == logits; }),
+               p->end());
+    return grads;
+  }
+  std::weak_ptr<std::vector<at::Tensor>> pending;
+  const void* logits;  // identity only: the log holds the tensor while it is there
+};
+
+}  // namespace
+
+void RouterLog::record(const at::Tensor& logits, bool training, const at::Tensor& router, const at::Tensor& lora_a,
+                       const at::Tensor& lora_b) {
+  if (!training || !at::GradMode::is_enabled() ||
+      !(router.requires_grad() || lora_a.requires_grad() || lora_b.requires_grad()))
+    return;
+  pending->push_back(logits);
+  if (const auto& node = logits.grad_fn()) node->add_pre_hook(std::make_unique<SpentForward>(pending, logits));
+}
+
+std::vector<at::Tensor> RouterLog::take(const at::Tensor& last) {
+  std::vector<at::Tensor> out;
+  out.swap(*pending);
+  if (out.empty() && last.defined()) out.push_back(last);
+  return out;
 }
 
 }  // namespace detail
@@ -112,6 +159,7 @@ at::Tensor MoLALinearImpl::forward(const at::Tensor& x) {
       base->options.bias() ? std::optional<at::Tensor>(base->bias) : std::nullopt;
   auto [y, logits] = detail::adapter_forward(options, is_training(), x, base->weight, bias, router, lora_a, lora_b);
   router_logits = logits;
+  log_.record(logits, is_training(), router, lora_a, lora_b);
   return y;
 }
 
@@ -125,14 +173,26 @@ MoLAAdapterImpl::MoLAAdapterImpl(const MoLALinearOptions& options_, const at::Te
   router = register_parameter("router", at::empty({o.num_experts(), o.in_features()}, opts));             // [E, in]
   lora_a = register_parameter("lora_a", at::empty({o.num_experts(), o.rank(), o.in_features()}, opts));  // [E, r, in]
   lora_b = register_parameter("lora_b", at::empty({o.num_experts(), o.out_features(), o.rank()}, opts)); // [E, out, r]
-  reset_parameters();
+  if (mola::detail::initialise_parameters()) reset_parameters();  // else a copy or a file fills them
 }
 
 at::Tensor MoLAAdapterImpl::forward(const at::Tensor& x, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias) {
   auto [y, logits] = detail::adapter_forward(options, is_training(), x, weight, bias, router, lora_a, lora_b);
-  router_logits = logits;
+  record_routing(logits);
   return y;
+}
+
+void MoLAAdapterImpl::record_routing(const at::Tensor& logits) {
+  router_logits = logits;
+  log_.record(logits, is_training(), router, lora_a, lora_b);
+}
+
+std::vector<at::Tensor> MoLAAdapterImpl::take_router_logits() { return log_.take(router_logits); }
+
+void MoLAAdapterImpl::set_routing(Routing r) {
+  router_logits = std::move(r.last);
+  *log_.pending = std::move(r.pending);
 }
 
 }  // namespace mola::nn

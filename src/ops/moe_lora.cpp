@@ -17,21 +17,23 @@ TORCH_LIBRARY_FRAGMENT(mola, m) {
   m.def(
       "moe_lora(Tensor x, Tensor weight, Tensor? bias, Tensor router, Tensor lora_a, "
       "Tensor lora_b, int top_k, float scaling, float dropout_p=0., bool training=False, "
-      "int compute=0, Tensor? dropout_seed=None) -> (Tensor y, Tensor router_logits)");
+      "int compute=0, Tensor? dropout_seed=None, bool shared_dropout_mask=False) "
+      "-> (Tensor y, Tensor router_logits)");
   m.def(
       "_moe_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor router, Tensor lora_a, "
       "Tensor lora_b, int top_k, float scaling, float dropout_p, bool training, int compute, "
-      "Tensor? dropout_seed) -> (Tensor y, Tensor router_logits, Tensor lora_hidden)");
+      "Tensor? dropout_seed, bool shared_dropout_mask=False) "
+      "-> (Tensor y, Tensor router_logits, Tensor lora_hidden)");
   m.def(
       "_moe_lora_backward(Tensor grad_y, Tensor? grad_router_logits, Tensor x, Tensor weight, "
       "Tensor router, Tensor lora_a, Tensor lora_b, Tensor router_logits, Tensor lora_hidden, "
       "int top_k, float scaling, float dropout_p, bool training, int compute, "
-      "Tensor? dropout_seed, bool[6] output_mask) -> (Tensor grad_x, Tensor grad_weight, "
-      "Tensor grad_bias, Tensor grad_router, Tensor grad_lora_a, Tensor grad_lora_b)");
+      "Tensor? dropout_seed, bool shared_dropout_mask, bool[6] output_mask) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor grad_router, Tensor grad_lora_a, Tensor grad_lora_b)");
   m.def(
       "moe_lora_route(Tensor router_logits, int top_k) -> (Tensor weights, Tensor indices, "
       "Tensor gate)");
-  m.def("_dropout_mask(Tensor seed, int rows, int cols, float p) -> Tensor");
+  m.def("_dropout_mask(Tensor seed, int rows, int cols, float p, int expert=-1) -> Tensor");
 }
 
 namespace mola::ops {
@@ -52,7 +54,8 @@ const char* compute_name(Compute compute) {
   }
 }
 
-Compute resolve_compute(Compute compute, int64_t num_experts, int64_t rank) {
+Compute resolve_compute(Compute compute, int64_t num_experts, int64_t rank, bool per_expert_dropout) {
+  if (per_expert_dropout) return Compute::kGrouped;  // see ops.h
   if (compute != Compute::kAuto) return compute;
   // Design section 4's starting rule. On the CPU it matches the measured
   // crossover (bench/crossover.py, bench/results/crossover-cpu-*.json: dense
@@ -65,15 +68,15 @@ std::tuple<at::Tensor, at::Tensor> moe_lora(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
     double scaling, double dropout_p, bool training, Compute compute,
-    const std::optional<at::Tensor>& dropout_seed) {
+    const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mola::moe_lora", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                           double, double, bool, int64_t, const std::optional<at::Tensor>&)>();
+                           double, double, bool, int64_t, const std::optional<at::Tensor>&, bool)>();
   return op.call(x, weight, bias, router, lora_a, lora_b, top_k, scaling, dropout_p, training,
-                 static_cast<int64_t>(compute), dropout_seed);
+                 static_cast<int64_t>(compute), dropout_seed, shared_dropout_mask);
 }
 
 at::Tensor load_balancing_loss(at::TensorList router_logits, at::IntArrayRef top_k, double coef,
@@ -94,11 +97,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route(const at::Tensor& 
   return op.call(router_logits, top_k);
 }
 
-at::Tensor dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double p) {
+at::Tensor dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double p, int64_t expert) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mola::_dropout_mask", "")
-                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, double)>();
-  return op.call(seed, rows, cols, p);
+                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, double, int64_t)>();
+  return op.call(seed, rows, cols, p, expert);
 }
 
 }  // namespace mola::ops

@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
     double scaling, double dropout_p, bool training, int64_t compute,
-    const std::optional<at::Tensor>& dropout_seed);
+    const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask);
 
 // Gradients of x, weight, bias, router, lora_a, lora_b (output_mask says which
 // to compute; the others come back undefined). grad_router_logits is the
@@ -39,7 +39,7 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
                        const at::Tensor& router_logits, const at::Tensor& lora_hidden,
                        int64_t top_k, double scaling, double dropout_p, bool training,
                        int64_t compute, const std::optional<at::Tensor>& dropout_seed,
-                       std::array<bool, 6> output_mask);
+                       bool shared_dropout_mask, std::array<bool, 6> output_mask);
 
 // Routing in ATen on any device: the CUDA fallback for what the routing kernel
 // does not take (fp64, more than 256 experts). The CPU has its own one-pass
@@ -54,9 +54,9 @@ std::tuple<at::Tensor, at::Tensor> forward_without_hidden(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
     double scaling, double dropout_p, bool training, int64_t compute,
-    const std::optional<at::Tensor>& dropout_seed) {
+    const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
   auto [y, logits, hidden] = Forward(x, weight, bias, router, lora_a, lora_b, top_k, scaling,
-                                     dropout_p, training, compute, dropout_seed);
+                                     dropout_p, training, compute, dropout_seed, shared_dropout_mask);
   return {y, logits};
 }
 
@@ -69,6 +69,12 @@ inline at::ScalarType routing_dtype(at::ScalarType input) {
 
 // Whether dropout touches the expert input in this call.
 inline bool dropout_active(double dropout_p, bool training) { return training && dropout_p > 0.0; }
+
+// Whether this call draws a mask per routed expert (the default when dropout
+// is active; see ops::moe_lora), which makes every strategy grouped.
+inline bool per_expert_dropout(double dropout_p, bool training, bool shared_dropout_mask) {
+  return dropout_active(dropout_p, training) && !shared_dropout_mask;
+}
 
 // The seed's value (an int64 tensor of one element).
 int64_t read_dropout_seed(const std::optional<at::Tensor>& dropout_seed);

@@ -134,6 +134,47 @@ void remove_tree(const std::string& path) {
   if (rc != 0) throw std::runtime_error("cannot remove " + path + ": " + std::strerror(errno));
 }
 
+std::vector<std::string> list_dir(const std::string& path) {
+  std::vector<std::string> out;
+  DIR* d = ::opendir(path.c_str());
+  if (d == nullptr) return out;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name != "." && name != "..") out.push_back(name);
+  }
+  ::closedir(d);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void claim_output_dir(const std::string& output_dir, const TrainOptions& options,
+                      const std::vector<std::string>& outputs, const std::string& where,
+                      const std::string& resume_key, const std::string& overwrite_key, bool remove) {
+  const bool resume = std::holds_alternative<std::string>(options.resume) || std::get<bool>(options.resume);
+  if (resume) return;
+  const auto is_output = [&](const std::string& name) {
+    for (const auto& o : outputs) {
+      if (!o.empty() && o.back() == '*' ? name.rfind(o.substr(0, o.size() - 1), 0) == 0 : name == o) return true;
+    }
+    return false;
+  };
+  std::vector<std::string> found;
+  for (const auto& name : list_dir(output_dir))
+    if (is_output(name)) found.push_back(name);
+  if (found.empty()) return;
+  if (options.overwrite_output_dir) {
+    if (remove)
+      for (const auto& name : found) remove_tree(join_path(output_dir, name));
+    return;
+  }
+  std::string names;
+  for (size_t i = 0; i < found.size() && i < 4; ++i) names += (i ? ", " : "") + found[i];
+  if (found.size() > 4) names += ", ...";
+  throw std::invalid_argument(where + "the output directory " + output_dir + " holds a run already (" + names +
+                              "), which a fresh run would mix with its own; continue that run with " + resume_key +
+                              ", replace it with " + overwrite_key + ", or write elsewhere");
+}
+
 std::string checkpoints_dir(const std::string& output_dir) { return join_path(output_dir, "checkpoints"); }
 
 std::string save_checkpoint(const std::string& output_dir, const models::CausalLMImpl& model,

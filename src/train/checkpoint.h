@@ -107,5 +107,19 @@ bool path_exists(const std::string& path);
 void make_dirs(const std::string& path);
 // rm -rf; nothing to do when `path` does not exist.
 void remove_tree(const std::string& path);
+// The names in directory `path` ("." and ".." left out), sorted; empty when it does not exist.
+std::vector<std::string> list_dir(const std::string& path);
+
+// A fresh run (options.resume false) must not write into a directory that
+// holds another run's files (`outputs`, names in output_dir; a trailing '*'
+// matches a prefix): without overwrite_output_dir it throws
+// std::invalid_argument naming what is there and both fixes (`where`
+// prefixes the message, `resume_key` / `overwrite_key` spell the settings as
+// the caller's user writes them); with it, `remove` removes those files
+// (a caller checks first with remove false and removes once its inputs are
+// known to be good, so a bad input loses nothing).
+void claim_output_dir(const std::string& output_dir, const TrainOptions& options,
+                      const std::vector<std::string>& outputs, const std::string& where,
+                      const std::string& resume_key, const std::string& overwrite_key, bool remove = true);
 
 }  // namespace mola::train::detail

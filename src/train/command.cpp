@@ -1,11 +1,10 @@
 // The `mola` command line (mola/train/run.h, run_command), in the library so
 // that the C++ program (src/cli/main.cpp) and `python -m mola` (through the
-// bindings) are one implementation:
-//   mola train RECIPE [--set KEY=VALUE ...]
-//   mola eval RECIPE [--adapter DIR] [--split test|validation|FILE] [--set ...]
-//   mola generate RECIPE|MODEL_DIR --prompt TEXT [--adapter DIR] [--raw] [--max-new-tokens N]
-//                 [--sample] [--temperature T] [--top-p P] [--seed S] [--set ...]
-//   mola convert llama2c IN.bin OUT_DIR [--tokenizer TOKENIZER.model]
+// bindings) are one implementation. The verbs are one table (verbs() in
+// mola/train/run.h): each has its usage, options, an example and a handler,
+// or is the Python package's (report, analyze, convert mola-authors), and
+// the table gives `mola --help`, `mola VERB --help`, did-you-mean for a
+// mistyped verb and the pointer to python -m mola for the Python verbs.
 // User errors (arguments, recipes, files) print one line and return 2; a run
 // that fails (a NaN loss, an error inside torch) returns 1. `mola train` joins
 // the process group it is given (python -m mola under torchrun, design.md 11).
@@ -18,6 +17,7 @@
 #include <mola/train/trainer.h>
 
 #include <c10/util/Exception.h>
+#include <torch/headeronly/version.h>
 #include <sys/stat.h>
 
 #include <cstdlib>
@@ -28,20 +28,6 @@
 
 namespace mola::train {
 namespace {
-
-constexpr const char* kUsage =
-    "usage: mola <command> ...\n"
-    "  mola train RECIPE [--set KEY=VALUE ...]          fine-tune as the recipe says (configs/recipes/)\n"
-    "  mola eval RECIPE [--adapter DIR] [--split test|validation|FILE] [--set ...]\n"
-    "                                                   accuracy by generation and by option log-likelihood\n"
-    "  mola generate RECIPE|MODEL_DIR --prompt TEXT [--adapter DIR] [--raw] [--max-new-tokens N]\n"
-    "                [--sample] [--temperature T] [--top-p P] [--seed S] [--set ...]\n"
-    "  mola convert llama2c IN.bin OUT_DIR [--tokenizer TOKENIZER.model]\n"
-    "                                                   a llama2.c checkpoint to a Hugging Face directory\n"
-    "  mola convert mola-authors IN OUT [--top-k K]     (python -m mola only) the MoLA authors' adapter\n"
-    "  mola report OUT_DIR                              (python -m mola only) plots and a page for a run\n"
-    "  mola analyze ADAPTER [--data FILE] [--model DIR] [--out DIR] [--max-examples N]\n"
-    "                                                   (python -m mola only) expert redundancy and routing\n";
 
 // A user error: printed as one line, exit status 2.
 class UsageError : public std::invalid_argument {
@@ -63,6 +49,7 @@ Args parse(const std::vector<std::string>& args, size_t first, const std::set<st
   Args out;
   for (size_t i = first; i < args.size(); ++i) {
     const std::string& a = args[i];
+    if (a == "-h") continue;  // help: answered before parsing
     if (a.rfind("--", 0) != 0 || a == "--") {
       out.positional.push_back(a);
       continue;
@@ -87,7 +74,8 @@ Args parse(const std::vector<std::string>& args, size_t first, const std::set<st
       std::vector<std::string> valid{"set"};
       valid.insert(valid.end(), value_options.begin(), value_options.end());
       valid.insert(valid.end(), flag_options.begin(), flag_options.end());
-      throw UsageError("unknown option --" + name + "; did you mean --" + detail::nearest_name(name, valid) + "?");
+      throw UsageError("unknown option --" + name + "; did you mean --" + detail::nearest_name(name, valid) +
+                       "? (mola " + args[0] + " --help lists them)");
     }
   }
   return out;
@@ -119,7 +107,9 @@ bool is_model_dir(const std::string& p) {
   return ::stat((p + "/config.json").c_str(), &st) == 0;
 }
 
-int cmd_train(const std::vector<std::string>& args, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+using Group = c10::intrusive_ptr<c10d::ProcessGroup>;
+
+int cmd_train(const std::vector<std::string>& args, const Group& group) {
   const Args a = parse(args, 1, {}, {});
   expect_positional(a, 1, "mola train RECIPE");
   const Recipe recipe = Recipe::from_file(a.positional[0], a.overrides);
@@ -136,7 +126,7 @@ int cmd_train(const std::vector<std::string>& args, const c10::intrusive_ptr<c10
   return 0;
 }
 
-int cmd_eval(const std::vector<std::string>& args) {
+int cmd_eval(const std::vector<std::string>& args, const Group&) {
   const Args a = parse(args, 1, {"adapter", "split"}, {});
   expect_positional(a, 1, "mola eval RECIPE");
   const Recipe recipe = Recipe::from_file(a.positional[0], a.overrides);
@@ -145,27 +135,44 @@ int cmd_eval(const std::vector<std::string>& args) {
   return 0;
 }
 
-int cmd_generate(const std::vector<std::string>& args) {
-  const Args a = parse(args, 1, {"adapter", "prompt", "max-new-tokens", "temperature", "top-p", "seed"},
+// The tokenizer file, checked, with a message that names both ways to give it.
+std::string tokenizer_for_generate(const std::string& given, const std::string& fallback, const std::string& from) {
+  const std::string path = given.empty() ? fallback : given;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0)
+    throw UsageError("no tokenizer at " + path + " (" + (given.empty() ? from : "--tokenizer") +
+                     "); give the model's tokenizer.model with --tokenizer FILE, or set the recipe key 'tokenizer'");
+  return path;
+}
+
+int cmd_generate(const std::vector<std::string>& args, const Group&) {
+  const Args a = parse(args, 1, {"adapter", "prompt", "max-new-tokens", "temperature", "top-p", "seed", "tokenizer"},
                        {"raw", "sample"});
   expect_positional(a, 1, "mola generate RECIPE|MODEL_DIR --prompt TEXT");
-  if (!a.options.count("prompt")) throw UsageError("mola generate needs --prompt TEXT");
+  if (!a.options.count("prompt")) throw UsageError("mola generate needs --prompt TEXT (mola generate --help)");
   const std::string& target = a.positional[0];
   std::shared_ptr<models::CausalLMImpl> model;
   std::string tokenizer, text = option(a, "prompt");
   if (is_model_dir(target)) {
     if (!a.overrides.empty()) throw UsageError("--set applies to recipes; " + target + " is a model directory");
+    tokenizer = tokenizer_for_generate(option(a, "tokenizer"), target + "/tokenizer.model",
+                                       "the model directory's tokenizer.model");
     model = models::CausalLMImpl::from_pretrained(target);
-    tokenizer = target + "/tokenizer.model";
   } else {
     const Recipe recipe = Recipe::from_file(target, a.overrides);
+    tokenizer = tokenizer_for_generate(option(a, "tokenizer"), recipe.tokenizer_path(),
+                                       recipe.tokenizer.empty() ? "the model directory's tokenizer.model"
+                                                                : "the recipe's 'tokenizer'");
     model = load_model(recipe);
-    tokenizer = recipe.tokenizer_path();
     if (!a.flags.count("raw")) text = load_template(recipe).prompt(text, "");
   }
   if (a.options.count("adapter")) models::load_adapter(*model, option(a, "adapter"));
   model->eval();
   const data::Tokenizer tok = data::Tokenizer::from_file(tokenizer);
+  if (tok.vocab_size() > model->config().vocab_size)
+    throw UsageError("the tokenizer " + tokenizer + " has " + std::to_string(tok.vocab_size()) +
+                     " pieces but the model's vocabulary has " + std::to_string(model->config().vocab_size) +
+                     "; give the model's own tokenizer.model with --tokenizer FILE");
   const std::vector<int64_t> ids = tok.encode(text, /*add_bos=*/true);
   models::GenerateOptions g;
   g.max_new_tokens = number<int64_t>(a, "max-new-tokens", 128);
@@ -186,20 +193,123 @@ int cmd_generate(const std::vector<std::string>& args) {
   return 0;
 }
 
-int cmd_convert(const std::vector<std::string>& args) {
+int cmd_convert(const std::vector<std::string>& args, const Group&) {
   const Args a = parse(args, 1, {"tokenizer"}, {});
   if (!a.positional.empty() && a.positional[0] == "mola-authors")
     throw UsageError("mola convert mola-authors is part of the Python package (the authors' adapter_model.bin is "
                      "read with torch.load(weights_only=True)): python -m mola convert mola-authors IN OUT");
   if (a.positional.empty() || a.positional[0] != "llama2c")
-    throw UsageError("mola convert: the supported format is llama2c: mola convert llama2c IN.bin OUT_DIR "
-                     "[--tokenizer TOKENIZER.model]");
+    throw UsageError("mola convert: the supported formats are llama2c (here) and mola-authors (python -m mola): mola convert "
+                     "llama2c IN.bin OUT_DIR [--tokenizer TOKENIZER.model]");
   if (a.positional.size() != 3) throw UsageError("usage: mola convert llama2c IN.bin OUT_DIR [--tokenizer T.model]");
   const std::string tokenizer = option(a, "tokenizer");
   io::convert_llama2c(a.positional[1], tokenizer.empty() ? io::default_llama2c_tokenizer(a.positional[1]) : tokenizer,
                       a.positional[2]);
   std::cout << "wrote " << a.positional[2] << " (config.json, model.safetensors, tokenizer.model)\n";
   return 0;
+}
+
+const std::vector<Verb>& verb_table() {
+  static const std::vector<Verb> table{
+      {"train", "RECIPE [--set KEY=VALUE ...]", "fine-tune as the recipe says (configs/recipes/)",
+       "  --set KEY=VALUE  change one recipe key before the run (repeatable); VALUE is JSON (1e-4, true,\n"
+       "                   [2,4,6,8], {\"a\": 1}) or else plain text (bfloat16)\n"
+       "A fresh run refuses an output directory that holds a run already: --set train.resume=true continues it,\n"
+       "--set train.overwrite_output_dir=true replaces it. Writes recipe.json, metrics.jsonl, checkpoints/,\n"
+       "adapter/, eval.json, expert_load.json and summary.json into output_dir. Under torchrun, python -m mola\n"
+       "train runs as one rank of the group.\n",
+       "mola train configs/recipes/tiny/scienceqa-2468.json --set train.epochs=1 --set output_dir=out/try",
+       &cmd_train, false},
+      {"eval", "RECIPE [--adapter DIR] [--split test|validation|FILE] [--set KEY=VALUE ...]",
+       "accuracy by generation and by option log-likelihood",
+       "  --adapter DIR    an adapter directory (save_adapter's, or a run's output_dir/adapter); none: the base model\n"
+       "  --split S        test (default), validation, or a JSON Lines file in the recipe's task format\n"
+       "  --set KEY=VALUE  change one recipe key (eval.max_examples=100, eval.methods=[\"loglik\"], ...)\n",
+       "mola eval configs/recipes/tiny/scienceqa-2468.json --adapter out/tiny/scienceqa-2468/adapter", &cmd_eval,
+       false},
+      {"generate",
+       "RECIPE|MODEL_DIR --prompt TEXT [--adapter DIR] [--tokenizer FILE] [--raw] [--max-new-tokens N]\n"
+       "              [--sample] [--temperature T] [--top-p P] [--seed S] [--set KEY=VALUE ...]",
+       "continue a prompt (greedy, or sampled)",
+       "  --prompt TEXT       the prompt; with a recipe it is put in the recipe's template unless --raw\n"
+       "  --adapter DIR       load this adapter first\n"
+       "  --tokenizer FILE    the SentencePiece tokenizer.model (default: the recipe's 'tokenizer', else the\n"
+       "                      model directory's tokenizer.model)\n"
+       "  --raw               use the prompt as it is, without the recipe's template\n"
+       "  --max-new-tokens N  at most N new tokens (128)\n"
+       "  --sample            sample instead of greedy; --temperature T (1.0), --top-p P (1.0), --seed S\n"
+       "  --set KEY=VALUE     change one recipe key (with a recipe)\n",
+       "mola generate data/models/stories260K --prompt \"Once upon a time\" --raw --max-new-tokens 32", &cmd_generate,
+       false},
+      {"convert", "llama2c IN.bin OUT_DIR [--tokenizer TOKENIZER.model]",
+       "a llama2.c checkpoint to a Hugging Face directory (mola-authors: see python -m mola)",
+       "  --tokenizer FILE  the tokenizer.model to copy beside it (default: tokenizer.model beside IN.bin)\n",
+       "mola convert llama2c stories260K.bin out/stories260K", &cmd_convert, false},
+      {"convert mola-authors", "IN OUT [--top-k K | --top-k K1,K2,...]",
+       "an adapter the MoLA authors' code wrote, into mola's format",
+       "  --top-k K         experts per token, one value for every layer or one per layer (K1,K2,...); the\n"
+       "                    authors' files do not store it (2)\n",
+       "python -m mola convert mola-authors their_run/ out/adapter --top-k 2", nullptr, true},
+      {"report", "OUT_DIR", "plots and a page for a training run (loss, expert load, evaluation)", "",
+       "python -m mola report out/tiny/scienceqa-2468", nullptr, true},
+      {"analyze", "ADAPTER [--data FILE] [--model DIR] [--recipe R] [--out DIR] [--max-examples N]\n"
+       "              [--batch-size N] [--device D]",
+       "expert redundancy and routing of an adapter",
+       "  --data FILE         JSON Lines rows in the recipe's task format: measure the routing on them\n"
+       "  --model DIR         the base model (default: the run's recipe.json, else base_model_name)\n"
+       "  --recipe R          the recipe the adapter was trained with (default: recipe.json beside it)\n"
+       "  --out DIR           output directory (default: analysis/ beside the adapter)\n"
+       "  --max-examples N    rows of --data to route (256; 0: all)\n"
+       "  --batch-size N      rows per forward (8)\n"
+       "  --device D          cpu, cuda or cuda:N (cpu)\n",
+       "python -m mola analyze out/tiny/scienceqa-2468/adapter --data data/tasks/scienceqa/test.jsonl", nullptr,
+       true},
+  };
+  return table;
+}
+
+// The table's verb for args ("convert mola-authors" is a verb of its own); nullptr when none.
+const Verb* find_verb(const std::vector<std::string>& args) {
+  for (const auto& v : verb_table()) {
+    const std::string name = v.name;
+    const auto space = name.find(' ');
+    if (space == std::string::npos) {
+      if (args[0] == name && !(name == "convert" && args.size() > 1 && args[1] == "mola-authors")) return &v;
+    } else if (args.size() > 1 && args[0] == name.substr(0, space) && args[1] == name.substr(space + 1)) {
+      return &v;
+    }
+  }
+  return nullptr;
+}
+
+// The command's name where a verb is the Python package's.
+std::string prog(const Verb& v) { return std::string(v.python_only ? "python -m mola " : "mola ") + v.name; }
+
+std::string verb_help(const Verb& v) {
+  std::string out = "usage: " + prog(v) + " " + v.synopsis + "\n\n" + v.summary + "\n";
+  if (*v.options) out += std::string("\noptions:\n") + v.options;
+  out += std::string("\nexample:\n  ") + v.example + "\n";
+  if (v.python_only) out += "\n(part of the Python package: run it with python -m mola)\n";
+  return out;
+}
+
+std::string version_text() {
+  std::string out = "mola " MOLA_VERSION_STRING "\n";
+  out += "torch " + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+         std::to_string(TORCH_VERSION_PATCH) + " (LibTorch mola was built against)\n";
+#ifdef MOLA_WITH_CUDA
+  out += "CUDA kernels: built in (sm_80, sm_90); ";
+  out += at::hasCUDA() ? std::to_string(at::getNumGPUs()) + " GPU(s) visible\n" : "no GPU visible here\n";
+#else
+  out += "CUDA kernels: not built (CPU only)\n";
+#endif
+  return out;
+}
+
+bool wants_help(const std::vector<std::string>& args) {
+  for (const auto& a : args)
+    if (a == "-h" || a == "--help") return true;
+  return false;
 }
 
 // Bad arguments, recipes, configs and files (exit status 2), as opposed to a
@@ -234,13 +344,59 @@ int launcher_world_size() {
 
 }  // namespace
 
-int run_command(const std::vector<std::string>& args, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+const std::vector<Verb>& verbs() { return verb_table(); }
+
+std::string usage() {
+  std::string out = "usage: mola <command> ...\n\ncommands:\n";
+  for (const auto& v : verb_table()) {
+    std::string head = "  " + std::string(v.name);
+    head.resize(std::max<size_t>(head.size() + 2, 25), ' ');
+    out += head + v.summary + (v.python_only ? " (python -m mola)" : "") + "\n";
+  }
+  out += "\nmola COMMAND --help shows its options and an example; mola --version the build.\n";
+  return out;
+}
+
+std::string help(const std::string& verb) {
+  for (const auto& v : verb_table())
+    if (verb == v.name) return verb_help(v);
+  throw std::invalid_argument("no mola command '" + verb + "'");
+}
+
+int run_command(const std::vector<std::string>& args, const Group& group) {
   if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
-    std::cout << kUsage;
+    if (args.size() == 2 && args[0] == "help") {
+      const Verb* v = find_verb({args[1]});
+      if (v != nullptr) {
+        std::cout << verb_help(*v);
+        return 0;
+      }
+    }
+    (args.empty() ? std::cerr : std::cout) << usage();
     return args.empty() ? 2 : 0;
+  }
+  if (args[0] == "--version" || args[0] == "-V") {
+    std::cout << version_text();
+    return 0;
   }
   const std::string& cmd = args[0];
   try {
+    const Verb* verb = find_verb(args);
+    if (verb == nullptr) {
+      std::vector<std::string> names;
+      for (const auto& v : verb_table())
+        if (std::string(v.name).find(' ') == std::string::npos) names.push_back(v.name);
+      std::string list;
+      for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+      throw UsageError("unknown command '" + cmd + "'; did you mean '" + detail::nearest_name(cmd, names) +
+                       "'? (commands: " + list + "; mola --help)");
+    }
+    if (wants_help(args)) {
+      std::cout << verb_help(*verb);
+      return 0;
+    }
+    if (verb->handler == nullptr)
+      throw UsageError(prog(*verb) + " is part of the Python package: " + prog(*verb) + " " + verb->synopsis);
     if (cmd == "train" && !group && launcher_world_size() > 1)
       throw UsageError("WORLD_SIZE is " + std::to_string(launcher_world_size()) +
                        " but this mola program cannot join a torch.distributed group (the LibTorch wheel ships no "
@@ -250,17 +406,7 @@ int run_command(const std::vector<std::string>& args, const c10::intrusive_ptr<c
     if (cmd != "train" && group && group->getSize() > 1)
       throw UsageError("mola " + cmd + " runs in one process; only mola train joins a process group (run it "
                        "without torchrun)");
-    if (cmd == "train") return cmd_train(args, group);
-    if (cmd == "eval") return cmd_eval(args);
-    if (cmd == "generate") return cmd_generate(args);
-    if (cmd == "convert") return cmd_convert(args);
-    const std::vector<std::string> commands{"train", "eval", "generate", "convert", "report", "analyze"};
-    if (cmd == "report") throw UsageError("mola report is part of the Python package: python -m mola report OUT_DIR");
-    if (cmd == "analyze")
-      throw UsageError("mola analyze is part of the Python package (its plots are matplotlib's): python -m mola "
-                       "analyze ADAPTER [--data FILE] [--model DIR] [--out DIR] [--max-examples N]");
-    throw UsageError("unknown command '" + cmd + "'; did you mean '" + detail::nearest_name(cmd, commands) +
-                     "'? (commands: train, eval, generate, convert; mola --help)");
+    return verb->handler(args, group);
   } catch (const NonFiniteLossError& e) {
     std::cerr << "mola: " << one_line(e.what()) << "\n";
     return 1;

@@ -4,6 +4,7 @@
 #include <mola/train/evaluate.h>
 
 #include "detail/text.h"
+#include "train/progress.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -44,7 +45,9 @@ double percent(int64_t k, int64_t n) { return n == 0 ? 0.0 : 100.0 * static_cast
 // ---- generate ---------------------------------------------------------------------
 
 void score_by_generation(models::CausalLMImpl& model, const data::Tokenizer& tok, const data::PromptTemplate& tmpl,
-                         const std::vector<data::Row>& rows, const EvalOptions& opts, EvalResult& result) {
+                         const std::vector<data::Row>& rows, const EvalOptions& opts, EvalResult& result,
+                         std::FILE* stream) {
+  detail::PassProgress progress("mola: evaluating by generation", static_cast<int64_t>(rows.size()), stream);
   const at::Device device = model.model->embed_tokens->weight.device();
   std::set<int64_t> stop(model.config().eos_token_ids.begin(), model.config().eos_token_ids.end());
   stop.insert(tok.eos_id());
@@ -89,6 +92,7 @@ void score_by_generation(models::CausalLMImpl& model, const data::Tokenizer& tok
       if (!pred.parsed) ++result.generate_failed;
       else if (*pred.parsed == pred.gold) ++result.generate_correct;
     }
+    progress.advance(batch);
   }
   result.generate_accuracy = percent(result.generate_correct, result.n);
 }
@@ -102,7 +106,8 @@ struct Scored {
 };
 
 void score_by_loglik(models::CausalLMImpl& model, const data::Tokenizer& tok, const data::PromptTemplate& tmpl,
-                     const std::vector<data::Row>& rows, const EvalOptions& opts, EvalResult& result) {
+                     const std::vector<data::Row>& rows, const EvalOptions& opts, EvalResult& result,
+                     std::FILE* stream) {
   const at::Device device = model.model->embed_tokens->weight.device();
   std::vector<Scored> seqs;
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -120,8 +125,12 @@ void score_by_loglik(models::CausalLMImpl& model, const data::Tokenizer& tok, co
       seqs.push_back(std::move(s));
     }
   }
+  detail::PassProgress progress("mola: evaluating by log-likelihood", static_cast<int64_t>(rows.size()), stream);
   for (size_t begin = 0; begin < seqs.size(); begin += static_cast<size_t>(opts.batch_size)) {
     const size_t end = std::min(seqs.size(), begin + static_cast<size_t>(opts.batch_size));
+    // Rows whose last option is in this batch are done.
+    int64_t rows_done = 0;
+    for (size_t k = begin; k < end; ++k) rows_done += seqs[k].option + 1 == rows[seqs[k].row].options.size();
     size_t width = 0;
     for (size_t k = begin; k < end; ++k) width = std::max(width, seqs[k].ids.size());
     const int64_t batch = static_cast<int64_t>(end - begin);
@@ -145,7 +154,9 @@ void score_by_loglik(models::CausalLMImpl& model, const data::Tokenizer& tok, co
       const double score = logp.gather(1, target).sum().to(at::kDouble).item<double>();
       result.predictions[s.row].option_scores[s.option] = score;
     }
+    progress.advance(rows_done);
   }
+  progress.finish();
   for (size_t i = 0; i < rows.size(); ++i) {
     ExamplePrediction& pred = result.predictions[i];
     const auto best = std::max_element(pred.option_scores.begin(), pred.option_scores.end());  // first of ties
@@ -245,7 +256,7 @@ void write_eval_files(const EvalResult& result, const std::string& dir) {
 // ---- evaluate -----------------------------------------------------------------------
 
 EvalResult evaluate(models::CausalLMImpl& model, const data::Tokenizer& tok, const data::PromptTemplate& tmpl,
-                    const std::vector<data::Row>& all_rows, const EvalOptions& opts) {
+                    const std::vector<data::Row>& all_rows, const EvalOptions& opts, std::FILE* progress) {
   opts.validate();
   require(!all_rows.empty(), "no rows to evaluate; give a non-empty data file");
   const std::vector<data::Row> rows(
@@ -279,8 +290,8 @@ EvalResult evaluate(models::CausalLMImpl& model, const data::Tokenizer& tok, con
   model.eval();
   at::NoGradGuard no_grad;
   try {
-    if (opts.uses("generate")) score_by_generation(model, tok, tmpl, rows, opts, result);
-    if (opts.uses("loglik")) score_by_loglik(model, tok, tmpl, rows, opts, result);
+    if (opts.uses("generate")) score_by_generation(model, tok, tmpl, rows, opts, result, progress);
+    if (opts.uses("loglik")) score_by_loglik(model, tok, tmpl, rows, opts, result, progress);
   } catch (...) {
     model.train(was_training);
     throw;

@@ -7,6 +7,8 @@
 
 #include <mola/data/batch.h>
 
+#include "train/progress.h"
+
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <map>
@@ -14,7 +16,7 @@
 namespace mola::train {
 
 nlohmann::json expert_load(models::CausalLMImpl& model, const std::vector<data::Example>& examples,
-                           int64_t batch_size) {
+                           int64_t batch_size, std::FILE* progress_stream) {
   if (!model.has_adapter())
     throw std::logic_error("expert_load: the model has no adapter; attach or load one first");
   if (examples.empty()) throw std::invalid_argument("expert_load: no examples to route");
@@ -29,6 +31,7 @@ nlohmann::json expert_load(models::CausalLMImpl& model, const std::vector<data::
   std::map<std::string, at::Tensor> counts;
   int64_t tokens = 0;
   const at::Device device = model.model->embed_tokens->weight.device();
+  detail::PassProgress progress("mola: expert load", static_cast<int64_t>(examples.size()), progress_stream);
   for (size_t start = 0; start < examples.size(); start += static_cast<size_t>(batch_size)) {
     std::vector<int64_t> indices;
     for (size_t i = start; i < std::min(examples.size(), start + static_cast<size_t>(batch_size)); ++i)
@@ -46,7 +49,9 @@ nlohmann::json expert_load(models::CausalLMImpl& model, const std::vector<data::
       auto [it, fresh] = counts.emplace(p.path, c);
       if (!fresh) it->second = it->second + c;
     }
+    progress.advance(static_cast<int64_t>(indices.size()));
   }
+  progress.finish();
   model.train(was_training);
 
   nlohmann::json layers = nlohmann::json::array();

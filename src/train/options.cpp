@@ -53,7 +53,7 @@ const std::vector<std::string>& TrainOptions::keys() {
       "epochs",       "max_steps",     "batch_size",      "micro_batch_size", "lr",         "warmup_steps",
       "schedule",     "weight_decay",  "max_grad_norm",   "adam_beta1",       "adam_beta2", "adam_epsilon",
       "seed",         "group_by_length", "log_every",     "eval_every",       "save_every", "save_total_limit",
-      "resume",       "init_adapter",  "trainable"};
+      "resume",       "overwrite_output_dir", "init_adapter", "trainable"};
   return k;
 }
 
@@ -93,7 +93,8 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
       if (v.is_boolean()) o.resume = v.get<bool>();
       else if (v.is_string()) o.resume = v.get<std::string>();
       else fail("resume must be false, true or the path of a checkpoint directory; got ", v.dump());
-    } else if (key == "init_adapter") o.init_adapter = get_string(v, key);
+    } else if (key == "overwrite_output_dir") o.overwrite_output_dir = get_bool(v, key);
+    else if (key == "init_adapter") o.init_adapter = get_string(v, key);
     else if (key == "trainable") o.trainable = get_string(v, key);
     else
       fail("unknown key \"", key, "\"; did you mean \"", detail::nearest_name(key, keys()), "\"? (valid keys: ",
@@ -125,6 +126,7 @@ nlohmann::json TrainOptions::to_json() const {
   j["save_total_limit"] = save_total_limit;
   if (std::holds_alternative<bool>(resume)) j["resume"] = std::get<bool>(resume);
   else j["resume"] = std::get<std::string>(resume);
+  j["overwrite_output_dir"] = overwrite_output_dir;
   j["init_adapter"] = init_adapter;
   j["trainable"] = trainable;
   return j;

@@ -86,4 +86,41 @@ void ProgressBar::finish() {
   std::fflush(stream_);
 }
 
+PassProgress::PassProgress(std::string label, int64_t total, std::FILE* stream, double quiet_s, double every_s)
+    : label_(std::move(label)),
+      total_(total),
+      stream_(stream),
+      tty_(stream != nullptr && ::isatty(::fileno(stream)) != 0),
+      quiet_s_(quiet_s),
+      every_s_(every_s),
+      start_(std::chrono::steady_clock::now()) {}
+
+PassProgress::~PassProgress() { finish(); }
+
+void PassProgress::advance(int64_t rows) {
+  done_ += rows;
+  if (!stream_) return;
+  const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  if (t < quiet_s_ || (shown_ && t - last_draw_s_ < (tty_ ? 0.5 : every_s_))) return;
+  last_draw_s_ = t;
+  draw(false);
+}
+
+void PassProgress::finish() {
+  if (finished_) return;
+  finished_ = true;
+  if (stream_ && shown_) draw(true);
+}
+
+void PassProgress::draw(bool last) {
+  const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  const double eta = done_ > 0 ? t / static_cast<double>(done_) * static_cast<double>(total_ - done_) : NAN;
+  const std::string text = label_ + ": " + std::to_string(done_) + "/" + std::to_string(total_) + " rows, " +
+                           clock_text(t) + (last ? "" : "<" + clock_text(eta));
+  if (tty_) std::fprintf(stream_, "\r\x1b[K%s%s", text.c_str(), last ? "\n" : "");
+  else std::fprintf(stream_, "%s\n", text.c_str());
+  std::fflush(stream_);
+  shown_ = true;
+}
+
 }  // namespace mola::train::detail

@@ -52,4 +52,26 @@ class ProgressBar {
   std::chrono::steady_clock::time_point start_;
 };
 
+// Progress of a pass over rows that may take a while (an evaluation, the
+// expert-load pass): nothing for a pass shorter than `quiet_s`; then a line
+// "label: done/total rows, elapsed<eta" every `every_s` seconds (redrawn in
+// place on a terminal) and a last one when it ends. A null stream draws nothing.
+class PassProgress {
+ public:
+  PassProgress(std::string label, int64_t total, std::FILE* stream = stderr, double quiet_s = 3.0,
+               double every_s = 5.0);
+  ~PassProgress();
+  void advance(int64_t rows);  // `rows` more are done
+  void finish();
+
+ private:
+  void draw(bool last);
+  std::string label_;
+  int64_t total_, done_ = 0;
+  std::FILE* stream_;
+  bool tty_, shown_ = false, finished_ = false;
+  double quiet_s_, every_s_, last_draw_s_ = 0.0;
+  std::chrono::steady_clock::time_point start_;
+};
+
 }  // namespace mola::train::detail

@@ -126,13 +126,30 @@ DataSection parse_data(const nlohmann::json& j) {
   return d;
 }
 
-nlohmann::json parse_override_value(const std::string& text, const nlohmann::json* current) {
-  if (current != nullptr && current->is_string()) return text;
+// A --set value is JSON text: numbers, true/false, null, lists, objects and
+// "quoted" strings; anything that is not JSON is a string as written. Where
+// the recipe has a string already, a bare number, true/false or null stays
+// text too (output_dir=2024, experts=2468), while a list or an object is
+// taken as JSON (experts=[2,2,4,6,8]).
+nlohmann::json parse_override_value(const std::string& assignment, const std::string& text,
+                                    const nlohmann::json* current) {
+  nlohmann::json value;
   try {
-    return nlohmann::json::parse(text);
+    value = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception&) {
+    // Python's spellings of the JSON literals: where a true/false (or nothing)
+    // is expected, say how to write it instead of failing later on a string.
+    const bool bool_field = current == nullptr || current->is_boolean();
+    if (bool_field && (text == "True" || text == "False" || text == "TRUE" || text == "FALSE"))
+      fail("--set ", quote(assignment), ": ", quote(text), " is not a JSON value; write ",
+           text[0] == 'T' ? "true" : "false", " (JSON's lower case)");
+    if (bool_field && text == "None")
+      fail("--set ", quote(assignment), ": 'None' is not a JSON value; write null, or leave the key out");
     return text;
   }
+  if (current != nullptr && current->is_string() && !value.is_array() && !value.is_object() && !value.is_string())
+    return text;
+  return value;
 }
 
 }  // namespace
@@ -197,6 +214,13 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& source, con
     if (options.is_object() && options.contains("before_training")) {
       r.eval_before_training = get<bool>(options, "eval", "before_training", false);
       options.erase("before_training");
+    }
+    // expert_load_examples is the run's too: how many rows the expert-load pass routes.
+    if (options.is_object() && options.contains("expert_load_examples")) {
+      r.expert_load_examples = get<int64_t>(options, "eval", "expert_load_examples", r.expert_load_examples);
+      if (r.expert_load_examples < 0)
+        fail("recipe: 'eval.expert_load_examples' must be >= 0 (0: every row), got ", r.expert_load_examples);
+      options.erase("expert_load_examples");
     }
     try {
       r.eval = EvalOptions::from_json(options);
@@ -306,7 +330,7 @@ void apply_override(nlohmann::json& recipe, const std::string& assignment) {
     node = &next;
   }
   const auto it = node->find(parts.back());
-  (*node)[parts.back()] = parse_override_value(value, it == node->end() ? nullptr : &*it);
+  (*node)[parts.back()] = parse_override_value(assignment, value, it == node->end() ? nullptr : &*it);
 }
 
 }  // namespace mola::train

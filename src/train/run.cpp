@@ -8,6 +8,7 @@
 #include <mola/train/evaluate.h>
 #include <mola/train/trainer.h>
 
+#include "train/checkpoint.h"
 #include "train/distributed.h"
 
 #include <sys/stat.h>
@@ -96,6 +97,53 @@ void check_output_dir(const Recipe& recipe) {
   }
 }
 
+// Everything a run of the mola command writes into its output directory
+// (train, continual stages, report, analyze): a fresh run claims the
+// directory only when none of these is there, or removes them when told to
+// overwrite; other files are left alone.
+const std::vector<std::string>& run_outputs() {
+  static const std::vector<std::string> names{
+      "recipe.json", "metrics.jsonl", "checkpoints", "adapter",     "eval.json",       "expert_load.json",
+      "summary.json", "continual.json", "stage-*",   "report.html", "report.json",     "loss.png",
+      "expert_load.png", "analysis"};
+  return names;
+}
+
+void claim_output_dir(const Recipe& recipe, bool remove) {
+  detail::claim_output_dir(recipe.output_dir, recipe.train, run_outputs(), "recipe " + recipe.source + ": ",
+                           "--set train.resume=true", "--set train.overwrite_output_dir=true", remove);
+}
+
+// The tokenizer must number its pieces inside the model's vocabulary.
+void check_tokenizer(const data::Tokenizer& tok, const models::CausalLMImpl& model, const Recipe& recipe) {
+  if (tok.vocab_size() <= model.config().vocab_size) return;
+  throw ConfigError("recipe " + recipe.source + ": the tokenizer " + recipe.tokenizer_path() + " has " +
+                    std::to_string(tok.vocab_size()) + " pieces but the model's vocabulary has " +
+                    std::to_string(model.config().vocab_size) +
+                    " (vocab_size in config.json): they belong to different models; set 'tokenizer' to the "
+                    "model's tokenizer.model (--set tokenizer=PATH)");
+}
+
+// Removes what a failed fresh run wrote (it claimed an empty directory, so
+// nothing of anyone else's is there): the directory when the run made it,
+// else the run's own files. A run that saved a checkpoint keeps everything,
+// to be resumed.
+void discard_failed_run(const std::string& dir, bool made_dir) {
+  if (!detail::list_dir(detail::checkpoints_dir(dir)).empty()) return;
+  try {
+    if (made_dir) {
+      detail::remove_tree(dir);
+    } else {
+      for (const auto& name : detail::list_dir(dir))
+        for (const auto& o : run_outputs())
+          if (name == o || (o.back() == '*' && name.rfind(o.substr(0, o.size() - 1), 0) == 0))
+            detail::remove_tree(detail::join_path(dir, name));
+    }
+  } catch (const std::exception&) {
+    // best effort: the run's own error is the one to report
+  }
+}
+
 int64_t trainable_parameters(const models::CausalLMImpl& model) {
   int64_t n = 0;
   for (const auto& p : model.parameters())
@@ -103,10 +151,80 @@ int64_t trainable_parameters(const models::CausalLMImpl& model) {
   return n;
 }
 
+// "16 of 1221 test rows (eval.max_examples 16)" or "1221 test rows".
+std::string eval_count(const Recipe& recipe, const std::vector<data::Row>& rows) {
+  const int64_t n = static_cast<int64_t>(rows.size()), m = recipe.eval.max_examples;
+  if (m > 0 && m < n)
+    return std::to_string(m) + " of " + std::to_string(n) + " test rows (eval.max_examples " + std::to_string(m) + ")";
+  return std::to_string(n) + " test rows";
+}
+
+// run_train after its inputs are read and output_dir is claimed: the
+// recipe.json, the evaluations, the Trainer, the adapter and the summary.
+nlohmann::json train_and_report(const Recipe& recipe, const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                std::shared_ptr<models::CausalLMImpl> model, const data::Tokenizer& tok,
+                                const data::PromptTemplate& tmpl, const std::vector<data::Example>& train,
+                                const std::vector<data::Example>& validation, const std::vector<data::Row>& val_rows,
+                                const std::vector<data::Row>& test_rows, const TrainOptions& options) {
+  const bool main = !group || group->getRank() == 0;
+  if (main) write_json(recipe.output_dir + "/recipe.json", recipe.json);
+
+  nlohmann::json eval = nlohmann::json::object();
+  const bool scored = !test_rows.empty() && test_rows.front().options.size() > 0;
+  if (scored && recipe.eval_before_training && main) {
+    std::cerr << "mola: evaluating " << eval_count(recipe, test_rows) << " before training\n";
+    eval["before"] = evaluate(*model, tok, tmpl, test_rows, recipe.eval).to_json();
+  }
+
+  Trainer trainer(model, options, recipe.output_dir);
+  trainer.set_process_group(group);
+  if (main && !val_rows.empty() && val_rows.front().options.size() > 0)
+    trainer.set_eval_callback(
+        [&](int64_t) { return evaluate(*model, tok, tmpl, val_rows, recipe.eval, /*progress=*/nullptr).to_json(); });
+  const TrainResult result = trainer.fit(train, validation);
+
+  const std::string adapter_dir = recipe.output_dir + "/adapter";
+  const detail::Collective dist(group, model->model->embed_tokens->weight.device());
+  if (!main) {
+    dist.barrier();  // returns once rank 0 has written everything below
+    return {{"recipe", recipe.source}, {"output_dir", recipe.output_dir}, {"adapter", adapter_dir},
+            {"train", result.to_json()}, {"rank", dist.rank()}};
+  }
+  models::save_adapter(*model, adapter_dir);
+  if (scored) {
+    std::cerr << "mola: evaluating " << eval_count(recipe, test_rows) << "\n";
+    const EvalResult after = evaluate(*model, tok, tmpl, test_rows, recipe.eval);
+    eval["after"] = after.to_json();
+    write_json(recipe.output_dir + "/eval.json", eval);
+  }
+  // Which experts the routers pick, on the validation rows (else the training
+  // rows), at most eval.expert_load_examples of them.
+  std::vector<data::Example> routed = validation.empty() ? train : validation;
+  if (recipe.expert_load_examples > 0 && static_cast<int64_t>(routed.size()) > recipe.expert_load_examples)
+    routed.resize(static_cast<size_t>(recipe.expert_load_examples));
+  std::cerr << "mola: expert load on " << routed.size() << " " << (validation.empty() ? "training" : "validation")
+            << " rows (eval.expert_load_examples " << recipe.expert_load_examples << ")\n";
+  const nlohmann::json load = expert_load(*model, routed, recipe.train.micro_batch_size);
+  write_json(recipe.output_dir + "/expert_load.json", load);
+
+  nlohmann::json summary{{"recipe", recipe.source},
+                         {"output_dir", recipe.output_dir},
+                         {"adapter", adapter_dir},
+                         {"train", result.to_json()},
+                         {"train_examples", train.size()},
+                         {"trainable_parameters", trainable_parameters(*model)}};
+  if (!eval.empty()) summary["eval"] = eval;
+  write_json(recipe.output_dir + "/summary.json", summary);
+  dist.barrier();
+  return summary;
+}
+
 }  // namespace
 
 std::shared_ptr<models::CausalLMImpl> load_model(const Recipe& recipe) {
   const at::Device device(recipe.model.device);
+  models::check_device(device, "recipe " + recipe.source + " asks for it in 'model.device'; run on the CPU with "
+                               "--set model.device=cpu");
   std::shared_ptr<models::CausalLMImpl> model;
   if (!recipe.model.path.empty()) {
     model = models::CausalLMImpl::from_pretrained(recipe.resolve_path(recipe.model.path),
@@ -132,11 +250,16 @@ nlohmann::json run_train(const Recipe& recipe, const c10::intrusive_ptr<c10d::Pr
   if (!recipe.data.domains.empty()) return run_continual(recipe, group);
   const bool main = !group || group->getRank() == 0;  // the rank that evaluates and writes
   // Every input is read and checked before anything is written, so a bad one
-  // leaves no output directory behind (design.md 10).
-  if (main) check_output_dir(recipe);
+  // leaves no output directory behind (design.md 10), and a fresh run never
+  // mixes with another one in the same directory.
+  if (main) {
+    check_output_dir(recipe);
+    claim_output_dir(recipe, /*remove=*/false);
+  }
 
   auto model = load_model(recipe);
   const data::Tokenizer tok = data::Tokenizer::from_file(recipe.tokenizer_path());
+  check_tokenizer(tok, *model, recipe);
   const data::PromptTemplate tmpl = load_template(recipe);
 
   std::vector<data::Row> train_rows = load_split(recipe, recipe.data.train);
@@ -159,55 +282,23 @@ nlohmann::json run_train(const Recipe& recipe, const c10::intrusive_ptr<c10d::Pr
   // one recipe are the same run (and a resumed one equals an uninterrupted one).
   torch::manual_seed(static_cast<uint64_t>(recipe.train.seed));
   if (recipe.train.init_adapter.empty()) model->attach(recipe.adapter);
-  else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
+  else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter), /*is_trainable=*/true);
   TrainOptions options = recipe.train;
-  options.init_adapter.clear();  // loaded above, with the model's adapter config
+  options.init_adapter.clear();      // loaded above, with the model's adapter config
+  options.overwrite_output_dir = false;  // done here, for the whole run
+  const bool fresh = std::holds_alternative<bool>(options.resume) && !std::get<bool>(options.resume);
+  const bool made_dir = main && !detail::path_exists(recipe.output_dir);
   if (main) {
+    claim_output_dir(recipe, /*remove=*/true);
     make_dirs(recipe.output_dir);
-    write_json(recipe.output_dir + "/recipe.json", recipe.json);
   }
-
-  nlohmann::json eval = nlohmann::json::object();
-  const bool scored = !test_rows.empty() && test_rows.front().options.size() > 0;
-  if (scored && recipe.eval_before_training && main) {
-    std::cerr << "mola: evaluating " << test_rows.size() << " rows before training\n";
-    eval["before"] = evaluate(*model, tok, tmpl, test_rows, recipe.eval).to_json();
+  try {
+    return train_and_report(recipe, group, model, tok, tmpl, train, validation, val_rows, test_rows, options);
+  } catch (...) {
+    // A fresh run that failed before its first checkpoint leaves nothing behind.
+    if (main && fresh) discard_failed_run(recipe.output_dir, made_dir);
+    throw;
   }
-
-  Trainer trainer(model, options, recipe.output_dir);
-  trainer.set_process_group(group);
-  if (main && !val_rows.empty() && val_rows.front().options.size() > 0)
-    trainer.set_eval_callback([&](int64_t) { return evaluate(*model, tok, tmpl, val_rows, recipe.eval).to_json(); });
-  const TrainResult result = trainer.fit(train, validation);
-
-  const std::string adapter_dir = recipe.output_dir + "/adapter";
-  const detail::Collective dist(group, model->model->embed_tokens->weight.device());
-  if (!main) {
-    dist.barrier();  // returns once rank 0 has written everything below
-    return {{"recipe", recipe.source}, {"output_dir", recipe.output_dir}, {"adapter", adapter_dir},
-            {"train", result.to_json()}, {"rank", dist.rank()}};
-  }
-  models::save_adapter(*model, adapter_dir);
-  if (scored) {
-    std::cerr << "mola: evaluating " << test_rows.size() << " rows\n";
-    const EvalResult after = evaluate(*model, tok, tmpl, test_rows, recipe.eval);
-    eval["after"] = after.to_json();
-    write_json(recipe.output_dir + "/eval.json", eval);
-  }
-  const std::vector<data::Example>& routed = validation.empty() ? train : validation;
-  const nlohmann::json load = expert_load(*model, routed, recipe.train.micro_batch_size);
-  write_json(recipe.output_dir + "/expert_load.json", load);
-
-  nlohmann::json summary{{"recipe", recipe.source},
-                         {"output_dir", recipe.output_dir},
-                         {"adapter", adapter_dir},
-                         {"train", result.to_json()},
-                         {"train_examples", train.size()},
-                         {"trainable_parameters", trainable_parameters(*model)}};
-  if (!eval.empty()) summary["eval"] = eval;
-  write_json(recipe.output_dir + "/summary.json", summary);
-  dist.barrier();
-  return summary;
 }
 
 nlohmann::json run_eval(const Recipe& recipe, const std::string& adapter_dir, const std::string& split, bool write) {
@@ -271,23 +362,30 @@ nlohmann::json run_continual(const Recipe& recipe, const c10::intrusive_ptr<c10d
                       "set data.test");
   const bool main = !group || group->getRank() == 0;  // the rank that evaluates and writes
   if (main) {
-    make_dirs(recipe.output_dir);
-    write_json(recipe.output_dir + "/recipe.json", recipe.json);
+    check_output_dir(recipe);
+    claim_output_dir(recipe, /*remove=*/false);
   }
   auto model = load_model(recipe);
   const data::Tokenizer tok = data::Tokenizer::from_file(recipe.tokenizer_path());
+  check_tokenizer(tok, *model, recipe);
   const data::PromptTemplate tmpl = load_template(recipe);
   const auto& domains = recipe.data.domains;
   std::vector<std::vector<data::Row>> test;
   for (const auto& d : domains) test.push_back(domain_rows(recipe, recipe.data.test, d));
+  if (main) {
+    claim_output_dir(recipe, /*remove=*/true);
+    make_dirs(recipe.output_dir);
+    write_json(recipe.output_dir + "/recipe.json", recipe.json);
+  }
 
   // The adapter's random initialisation follows train.seed too, so two runs of
   // one recipe are the same run (and a resumed one equals an uninterrupted one).
   torch::manual_seed(static_cast<uint64_t>(recipe.train.seed));
   if (recipe.train.init_adapter.empty()) model->attach(recipe.adapter);
-  else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter));
+  else models::load_adapter(*model, recipe.resolve_path(recipe.train.init_adapter), /*is_trainable=*/true);
   TrainOptions options = recipe.train;
   options.init_adapter.clear();
+  options.overwrite_output_dir = false;  // done above, for the whole run
 
   const size_t T = domains.size();
   std::map<std::string, std::vector<std::vector<double>>> accuracy;  // method -> R[t][i]

@@ -183,6 +183,10 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
   if (train.empty()) throw std::invalid_argument("Trainer.fit: the training set is empty; give at least one example");
   check_examples(train, "training", model_->config().vocab_size);
   check_examples(validation, "validation", model_->config().vocab_size);
+  // A fresh run never appends to another run's metrics.jsonl or checkpoints.
+  if (!group_ || group_->getRank() == 0)
+    detail::claim_output_dir(output_dir_, options_, {"metrics.jsonl", "checkpoints"}, "Trainer.fit: ",
+                             "TrainOptions.resume = true", "TrainOptions.overwrite_output_dir = true");
 
   // Where to continue from: a given checkpoint, the newest one here, or none.
   std::string resume_dir;
@@ -197,8 +201,9 @@ TrainResult Trainer::fit(const std::vector<data::Example>& train, const std::vec
 
   // The adapter: the checkpoint's when resuming, else init_adapter's (a
   // two-stage run, design.md 8.1), else the one attached.
-  if (!resume_dir.empty()) models::load_adapter(*model_, resume_dir);
-  else if (!options_.init_adapter.empty()) models::load_adapter(*model_, options_.init_adapter);
+  const bool to_train = true;
+  if (!resume_dir.empty()) models::load_adapter(*model_, resume_dir, to_train);
+  else if (!options_.init_adapter.empty()) models::load_adapter(*model_, options_.init_adapter, to_train);
   if (!model_->has_adapter())
     throw std::invalid_argument("Trainer.fit: the model has no adapter and no checkpoint was found in " +
                                 detail::checkpoints_dir(output_dir_) +

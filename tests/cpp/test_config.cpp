@@ -229,7 +229,7 @@ TEST(ConfigJson, BadValuesAndTypes) {
   bad(R"({"experts": "2-4-x-8"})", {"experts: group 3", "\"x\"", "not a whole number"});
   bad(R"({"experts": "24680"})", {"5 digits", "not a preset"});
   bad(R"({"top_k": "2"})", {"top_k: \"2\" is a string", "experts only"});
-  bad(R"({"method": "molx"})", {"method \"molx\"", "not one of mola", "did you mean \"mola\""});
+  bad(R"({"method": "molx"})", {"method \"molx\"", "not one of mola", "did you mean \"molex\""});
   bad(R"({"method": 1})", {"method must be a string", "1"});
   bad(R"({"compute": "groupd"})", {"compute \"groupd\"", "auto, dense, grouped", "did you mean \"grouped\""});
   bad(R"({"alpha": 0})", {"alpha 0", "> 0"});
@@ -299,9 +299,9 @@ TEST(ConfigResolve, PerLayerListsAndScaling) {
   EXPECT_EQ(r.scaling.back(), 1.0);
   const json j = r.to_json();
   for (const char* key : {"method", "num_layers", "experts", "top_k", "rank", "scaling", "alpha", "dropout",
-                          "targets", "aux_loss_coef", "compute"})
+                          "dropout_masks", "targets", "aux_loss_coef", "compute"})
     EXPECT_TRUE(j.contains(key)) << key;
-  EXPECT_EQ(j.size(), 11u);
+  EXPECT_EQ(j.size(), 12u);
   EXPECT_EQ(j["experts"].size(), 28u);
   const mola::ResolvedAdapter back = mola::ResolvedAdapter::from_json(j);
   EXPECT_EQ(back.to_json(), j);
@@ -379,3 +379,17 @@ TEST(ConfigMethod, LoraIsOneExpertWithTopOne) {
 }
 
 }  // namespace
+
+// Did-you-mean picks what a person would: a shortened name finds its long
+// form before a short name of similar edit distance.
+TEST(NearestName, PicksWhatAPersonWould) {
+  const std::vector<std::string> tasks{"boolq", "piqa", "cola", "scienceqa", "commonsenseqa", "openbookqa"};
+  EXPECT_EQ(mola::detail::nearest_name("sciqa", tasks), "scienceqa");
+  EXPECT_EQ(mola::detail::nearest_name("commonsense", tasks), "commonsenseqa");
+  EXPECT_EQ(mola::detail::nearest_name("booql", tasks), "boolq");
+  EXPECT_EQ(mola::detail::nearest_name("epcohs", {"epochs", "eval_every", "seed"}), "epochs");
+  EXPECT_EQ(mola::detail::nearest_name("x", {}), "");
+  const auto ordered = mola::detail::names_nearest_first("openbook", tasks);
+  EXPECT_EQ(ordered.front(), "openbookqa");
+  EXPECT_EQ(ordered.size(), tasks.size());
+}

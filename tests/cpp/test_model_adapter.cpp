@@ -215,3 +215,124 @@ TEST(ModelAdapterFiles, LoadErrors) {
 }
 
 }  // namespace
+
+namespace {
+
+void randomise_adapter(mola::models::CausalLMImpl& m, uint64_t seed = 5) {
+  torch::manual_seed(seed);
+  torch::NoGradGuard no_grad;
+  for (auto& [key, t] : mola::models::adapter_state_dict(m)) t.normal_(0.0, 0.2);
+}
+
+}  // namespace
+
+// The balance loss counts every training forward since it was last taken
+// (two sequences scored separately before one backward), as one batch of
+// their tokens; a forward whose graph a backward spent no longer counts.
+TEST(ModelAdapterAuxLoss, CountsEveryForwardSinceItWasTaken) {
+  CausalLM m = tiny_model();
+  m->attach(inverted());
+  randomise_adapter(*m);
+  m->train();
+  const at::Tensor a = batch(), b = batch();
+  m->forward(a);
+  m->forward(b);
+  const at::Tensor two = m->aux_loss();
+  m->forward(at::cat({a, b}));
+  const at::Tensor joined = m->aux_loss();
+  EXPECT_NEAR(two.item<double>(), joined.item<double>(), 1e-7);
+
+  m->forward(b);
+  const double only_b = m->aux_loss().item<double>();
+  std::vector<at::Tensor> params;
+  for (const auto& p : m->parameters())
+    if (p.requires_grad()) params.push_back(p);
+  torch::autograd::grad({m->forward(a, {}, a).loss}, params);  // spends that forward's graph
+  m->forward(b);
+  const at::Tensor aux = m->aux_loss();
+  EXPECT_NEAR(aux.item<double>(), only_b, 1e-7);
+  aux.backward();  // through b's live graph only
+
+  // Eval mode or no grad: the last forward counts, and nothing piles up.
+  m->eval();
+  {
+    torch::NoGradGuard no_grad;
+    m->forward(a);
+    m->forward(b);
+  }
+  EXPECT_NEAR(m->aux_loss().item<double>(), only_b, 1e-7);
+}
+
+// load_adapter is for inference by default (frozen, eval mode), as PEFT's
+// from_pretrained; is_trainable keeps the mode and trains the adapter.
+TEST(ModelAdapterFiles, LoadIsForInferenceUnlessTrainable) {
+  CausalLM m = tiny_model();
+  m->attach(inverted());
+  const std::string dir = temp_dir("adapter");
+  mola::save_adapter(*m, dir);
+  CausalLM fresh = tiny_model();
+  fresh->train();
+  mola::load_adapter(*fresh, dir);
+  EXPECT_FALSE(fresh->is_training());
+  for (const auto& p : fresh->parameters()) EXPECT_FALSE(p.requires_grad());
+  CausalLM again = tiny_model();
+  again->train();
+  mola::load_adapter(*again, dir, /*is_trainable=*/true);
+  EXPECT_TRUE(again->is_training());
+  for (const auto& [key, t] : mola::models::adapter_state_dict(*again)) EXPECT_TRUE(t.requires_grad()) << key;
+}
+
+// A copy owns its tensors, keeps adapter, mode and flags, and draws no random numbers.
+TEST(ModelAdapterCopy, CopyIsDeepAndDrawsNothing) {
+  CausalLM m = tiny_model();
+  AdapterConfig cfg = inverted();
+  cfg.init = "pissa";
+  m->attach(cfg);
+  randomise_adapter(*m);
+  m->train();
+  const at::Tensor ids = batch();
+  m->forward(ids);
+  torch::manual_seed(7);
+  const at::Tensor expected_draw = torch::rand({3});
+  torch::manual_seed(7);
+  auto twin = m->copy();
+  EXPECT_TRUE(torch::equal(torch::rand({3}), expected_draw));  // the copy drew nothing
+  EXPECT_TRUE(twin->is_training());
+  EXPECT_EQ(twin->adapter_config().to_json(), m->adapter_config().to_json());
+  m->eval();
+  twin->eval();
+  torch::NoGradGuard no_grad;
+  const at::Tensor want = m->forward(ids).logits;
+  EXPECT_TRUE(torch::equal(twin->forward(ids).logits, want));
+  mola::models::adapter_state_dict(*twin).begin()->second.add_(1.0);
+  EXPECT_TRUE(torch::equal(m->forward(ids).logits, want));
+}
+
+// The adapter switch runs the base model alone (PiSSA's principal part
+// included); detach gives the base model back with its parameters trainable.
+TEST(ModelAdapterSwitch, DisableAndDetachGiveTheBaseModel) {
+  for (const char* init : {"kaiming", "pissa"}) {
+    CausalLM m = tiny_model();
+    const at::Tensor ids = batch();
+    torch::NoGradGuard no_grad;
+    const at::Tensor base = m->forward(ids).logits;
+    AdapterConfig cfg = inverted();
+    cfg.init = init;
+    m->attach(cfg);
+    randomise_adapter(*m);
+    const at::Tensor adapted = m->forward(ids).logits;
+    EXPECT_GT((adapted - base).abs().max().item<double>(), 1e-3) << init;
+    m->set_adapter_enabled(false);
+    EXPECT_LT((m->forward(ids).logits - base).abs().max().item<double>(), 1e-4) << init;
+    m->set_adapter_enabled(true);
+    EXPECT_TRUE(torch::equal(m->forward(ids).logits, adapted)) << init;
+    m->detach_adapter();
+    EXPECT_FALSE(m->has_adapter());
+    EXPECT_LT((m->forward(ids).logits - base).abs().max().item<double>(), 1e-4) << init;
+    for (const auto& p : m->named_parameters()) {
+      EXPECT_TRUE(p.value().requires_grad()) << p.key();
+      EXPECT_EQ(p.key().find(".mola."), std::string::npos) << p.key();
+    }
+    m->attach(inverted());  // a fresh adapter attaches again
+  }
+}

@@ -219,8 +219,14 @@ TEST(DropoutMask, BlockGeneratorEqualsTheScalarDefinition) {
   auto B = torch::eye(97, torch::kFloat64).unsqueeze(0);
   auto Wr = torch::zeros({1, 97}, torch::kFloat64);
   auto [y, logits] = mola::ops::moe_lora(X, W, std::nullopt, Wr, A, B, 1, 1.0, p, true,
-                                         Compute::kDense, torch::tensor({seed}));
+                                         Compute::kDense, torch::tensor({seed}), /*shared_dropout_mask=*/true);
   EXPECT_TRUE(torch::equal(y, X * mask.to(torch::kFloat64)));
+  // Per-expert masks (the default): the one expert's own mask, stream 1.
+  auto [y_per, logits_per] = mola::ops::moe_lora(X, W, std::nullopt, Wr, A, B, 1, 1.0, p, true,
+                                                 Compute::kDense, torch::tensor({seed}));
+  const at::Tensor mask0 = mola::ops::dropout_mask(torch::tensor({seed}), 7, 97, p, /*expert=*/0);
+  EXPECT_TRUE(torch::equal(y_per, X * mask0.to(torch::kFloat64)));
+  EXPECT_FALSE(torch::equal(mask0, mask));
 }
 
 // Every block generator this CPU can run (scalar, AVX2, AVX-512) against the
@@ -249,6 +255,36 @@ TEST(DropoutMask, EveryBlockGeneratorEqualsTheScalarDefinition) {
       EXPECT_NEAR(kept / n, 1.0 - p, 5.0 * std::sqrt(p * (1.0 - p) / n) + 1e-12);
     }
   }
+}
+
+// The per-expert streams (philox.h: counter word 2 = expert + 1) through every
+// block generator, and the row-selected masks the grouped path applies: a
+// selected row keeps the mask of its token, whichever rows are selected.
+TEST(DropoutMask, ExpertStreamsAndSelectedRowsEqualTheScalarDefinition) {
+  const uint64_t seed = 0x0123456789abcdefULL;
+  const int64_t rows = 13, cols = 91;
+  const float p = 0.3f, scale = mola::philox::dropout_scale(p);
+  for (const int64_t expert : {0, 1, 6}) {
+    const uint32_t stream = mola::philox::expert_stream(expert);
+    for (const DropoutIsa isa : mola::detail::dropout_isas()) {
+      at::Tensor mask = mola::detail::dropout_mask_values_cpu(seed, rows, cols, p, isa, stream);
+      const float* m = mask.data_ptr<float>();
+      for (int64_t i = 0; i < rows * cols; ++i)
+        ASSERT_EQ(m[i], mola::philox::dropout_keep(seed, static_cast<uint64_t>(i), p, stream) ? scale : 0.0f)
+            << "expert " << expert << ", isa " << static_cast<int>(isa) << ", element " << i;
+    }
+    const at::Tensor x = at::randn({rows, cols});
+    const at::Tensor picked = torch::tensor({7, 0, 12, 7, 3}, at::kLong);
+    const at::Tensor full = mola::detail::dropout_mask_values_cpu(seed, rows, cols, p, stream);
+    const at::Tensor want = x.index_select(0, picked) * full.index_select(0, picked);
+    EXPECT_TRUE(at::equal(mola::detail::dropout_apply_rows_cpu(x, picked, seed, p, stream), want)) << expert;
+    at::Tensor grad = at::randn({picked.numel(), cols});
+    const at::Tensor grad_want = grad * full.index_select(0, picked);
+    const at::Tensor xd = mola::detail::dropout_apply_rows_pair_cpu(x, picked, grad, seed, p, stream);
+    EXPECT_TRUE(at::equal(xd, want) && at::equal(grad, grad_want)) << expert;
+  }
+  EXPECT_FALSE(at::equal(mola::detail::dropout_mask_values_cpu(seed, rows, cols, p, 0u),
+                         mola::detail::dropout_mask_values_cpu(seed, rows, cols, p, mola::philox::expert_stream(0))));
 }
 
 }  // namespace

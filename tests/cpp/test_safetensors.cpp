@@ -154,6 +154,38 @@ TEST(SafetensorsRoundTrip, TensorsOutliveTheFile) {
   EXPECT_TRUE(at::equal(w, at::arange(12, at::kFloat)));
 }
 
+// load() views the mapped bytes when they already are what was asked for: two
+// loads share their data; the view outlives the file object; writing to it
+// copies the page (copy-on-write) and never changes the file.
+TEST(SafetensorsLoad, ViewsTheMapWhenDtypeAndDeviceMatch) {
+  TempDir dir;
+  const std::string path = dir / "w.safetensors";
+  const at::Tensor w = at::randn({64, 32}).to(at::kBFloat16);
+  mola::io::save_safetensors(path, {{"w", w}});
+  std::string before;
+  {
+    std::ifstream in(path, std::ios::binary);
+    before.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  at::Tensor a, b, converted;
+  {
+    const auto f = SafetensorsFile::open(path);
+    a = f.load("w", at::kBFloat16);
+    b = f.load("w", at::kBFloat16);
+    converted = f.load("w", at::kFloat);
+  }
+  EXPECT_EQ(a.data_ptr(), b.data_ptr());                // one view of the map, no copy
+  EXPECT_NE(converted.data_ptr(), a.data_ptr());        // another dtype: a copy
+  expect_same(a, w, "w");                                // the map outlived the file object
+  expect_same(converted, w.to(at::kFloat), "w");
+  a.add_(1.0);                                           // copy-on-write
+  expect_same(b, w + 1.0, "w");                          // both views see the process's page
+  std::ifstream in(path, std::ios::binary);
+  const std::string after{std::istreambuf_iterator<char>(in), {}};
+  EXPECT_EQ(after, before);                              // the file is untouched
+  expect_same(SafetensorsFile::open(path).get("w"), w, "w");
+}
+
 TEST(SafetensorsRoundTrip, CastAtLoad) {
   TempDir dir;
   const std::string path = dir / "bf16.safetensors";

@@ -9,6 +9,7 @@
 #include "mola/train/options.h"
 #include "mola/train/trainer.h"
 #include "train/checkpoint.h"
+#include "train/progress.h"
 
 #include <gtest/gtest.h>
 
@@ -348,3 +349,59 @@ TEST_F(TrainerRun, RejectsBadExamplesAndModelsWithoutAdapter) {
 }
 
 }  // namespace
+
+// A pass that takes a while reports its rows and the time; a short one stays quiet.
+TEST(PassProgress, ReportsRowsAfterTheQuietPeriod) {
+  std::FILE* out = std::tmpfile();
+  ASSERT_NE(out, nullptr);
+  {
+    mola::train::detail::PassProgress quiet("mola: quiet", 10, out);  // 3 s before the first line
+    quiet.advance(10);
+  }
+  {
+    mola::train::detail::PassProgress progress("mola: evaluating", 10, out, /*quiet_s=*/0.0, /*every_s=*/0.0);
+    progress.advance(4);
+    progress.advance(6);
+  }
+  std::rewind(out);
+  std::string text;
+  for (int c; (c = std::fgetc(out)) != EOF;) text += static_cast<char>(c);
+  std::fclose(out);
+  EXPECT_EQ(text.find("quiet"), std::string::npos) << text;
+  EXPECT_NE(text.find("mola: evaluating: 4/10 rows, 0:00<"), std::string::npos) << text;
+  EXPECT_NE(text.find("mola: evaluating: 10/10 rows, 0:00\n"), std::string::npos) << text;
+}
+
+// A fresh run refuses a directory that holds a run's files, removes them only
+// when told to overwrite, and leaves other files alone.
+TEST(ClaimOutputDir, RefusesOrOverwritesAFormerRun) {
+  char pattern[] = "/tmp/mola_claim_XXXXXX";
+  const std::string dir = ::mkdtemp(pattern);
+  mola::train::TrainOptions o;
+  const std::vector<std::string> outputs{"metrics.jsonl", "checkpoints", "stage-*"};
+  auto claim = [&](bool remove) {
+    mola::train::detail::claim_output_dir(dir, o, outputs, "", "RESUME", "OVERWRITE", remove);
+  };
+  std::ofstream(dir + "/notes.txt") << "mine";
+  claim(true);  // nothing of a run's: fine
+  std::ofstream(dir + "/metrics.jsonl") << "{}\n";
+  mola::train::detail::make_dirs(dir + "/stage-1-a");
+  try {
+    claim(false);
+    ADD_FAILURE() << "a second run was let in";
+  } catch (const std::invalid_argument& e) {
+    const std::string msg = e.what();
+    for (const char* part : {"holds a run already", "metrics.jsonl, stage-1-a", "RESUME", "OVERWRITE"})
+      EXPECT_NE(msg.find(part), std::string::npos) << msg;
+  }
+  o.resume = true;
+  claim(true);  // resuming: left as it is
+  EXPECT_TRUE(mola::train::detail::path_exists(dir + "/metrics.jsonl"));
+  o.resume = false;
+  o.overwrite_output_dir = true;
+  claim(false);  // the check alone removes nothing
+  EXPECT_TRUE(mola::train::detail::path_exists(dir + "/metrics.jsonl"));
+  claim(true);
+  EXPECT_EQ(mola::train::detail::list_dir(dir), std::vector<std::string>{"notes.txt"});
+  mola::train::detail::remove_tree(dir);
+}

@@ -331,6 +331,26 @@ CASES = [
     Case("set-unknown-section", "cmd",
          lambda t: train_cmd(t, lambda r: None, "--set", "trian.lr=1"),
          None, ["'trian'", "unknown section", "'train'"]),
+    Case("set-python-false", "cmd",
+         lambda t: train_cmd(t, lambda r: None, "--set", "train.group_by_length=False"),
+         None, ["'False'", "not a JSON value", "write false"]),
+    Case("task-typo", "py",
+         lambda t: (lambda p=recipe(t, set_data("task", "sciqa")): mola.load_recipe(str(p))),
+         ValueError, ["'sciqa'", "unknown 'data.task'", "did you mean 'scienceqa'"]),
+    # ---- the machine: a GPU recipe where there is none
+    Case("device-cuda-without-gpu", "cmd",
+         lambda t: train_cmd(t, lambda r: None, "--set", "model.device=cuda"),
+         None, ["device 'cuda'", "no usable CUDA GPU", "--set model.device=cpu"]),
+    Case("from-pretrained-cuda-without-gpu", "cpp",
+         lambda t: (lambda: mola.CausalLM.from_pretrained(str(MODEL), device="cuda")),
+         ValueError, ["device 'cuda'", "no usable CUDA GPU", 'device="cpu"']),
+    # ---- a tokenizer of another model: refused before anything is written
+    Case("tokenizer-other-vocabulary", "cmd",
+         lambda t: train_cmd(t, lambda r: r.update(tokenizer=str(ROOT / "data/tokenizers/llama2/tokenizer.model"))),
+         None, ["32000 pieces", "vocabulary has 512", "--set tokenizer=PATH"]),
+    Case("generate-tokenizer-missing", "cmd",
+         lambda t: ["generate", str(MODEL), "--prompt", "Once", "--raw", "--tokenizer", str(t / "none.model")],
+         None, ["none.model", "no tokenizer", "--tokenizer FILE, or set the recipe key 'tokenizer'"]),
 ]
 
 

@@ -29,7 +29,7 @@ def _mola(*args, cwd=ROOT):
     (["train", TINY, "--sett", "x=1"], "unknown option --sett; did you mean --set"),
     (["eval", TINY, "--split"], "--split needs a value"),
     (["generate", TINY], "needs --prompt"),
-    (["convert", "gguf", "a", "b"], "supported format is llama2c"),
+    (["convert", "gguf", "a", "b"], "supported formats are llama2c"),
     (["convert", "llama2c", "missing.bin", "out"], "missing.bin"),
 ])
 def test_user_errors_exit_2_with_one_line(args, message):
@@ -41,7 +41,7 @@ def test_user_errors_exit_2_with_one_line(args, message):
 
 def test_help():
     result = _mola("--help")
-    assert result.returncode == 0 and "mola train RECIPE" in result.stdout
+    assert result.returncode == 0 and "train" in result.stdout and "mola COMMAND --help" in result.stdout
 
 
 def test_generate_from_the_bundled_model():
@@ -106,3 +106,86 @@ def test_a_continual_sequence_reports_op_and_pd(tmp_path):
     for t, domain in enumerate(domains, 1):
         assert (out / f"stage-{t}-{domain.replace(' ', '-')}" / "metrics.jsonl").exists()
     assert "continual (loglik): OP" in result.stdout
+
+
+# ---------------------------------------------------------------- as a user would
+
+def _verbs():
+    from mola import _C
+    lines = _C.command_help().split("commands:\n")[1].split("\n\n")[0].splitlines()
+    return [line.strip().split("  ")[0] for line in lines]
+
+
+def test_every_verb_answers_help_with_its_options_and_an_example():
+    verbs = _verbs()
+    assert {"train", "eval", "generate", "convert", "convert mola-authors", "report", "analyze"} <= set(verbs)
+    for verb in verbs:
+        result = _mola(*verb.split(), "--help")
+        assert result.returncode == 0, (verb, result.stderr)
+        assert result.stdout.startswith("usage: ") and verb in result.stdout.splitlines()[0]
+        assert "\nexample:\n  " in result.stdout, verb
+    assert "--tokenizer FILE" in _mola("generate", "--help").stdout
+    assert "overwrite_output_dir" in _mola("train", "-h").stdout
+
+
+def test_version_names_mola_torch_and_the_cuda_kernels():
+    import torch
+    result = _mola("--version")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("mola 0.") and lines[1].startswith(f"torch {torch.__version__.split('+')[0]}")
+    assert lines[2].startswith("CUDA kernels: ")
+
+
+def _small_run(out, *extra):
+    return _mola("train", TINY, "--set", f"output_dir={out}", "--set", "data.max_train_examples=8",
+                 "--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set", "train.micro_batch_size=4",
+                 "--set", "train.save_every=1", "--set", "eval.before_training=false",
+                 "--set", "eval.max_examples=4", "--set", "eval.max_new_tokens=4", *extra)
+
+
+def test_a_second_run_into_one_folder_is_refused_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    first = _small_run(out)
+    assert first.returncode == 0, first.stderr
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+    again = _small_run(out)  # the same command twice
+    assert again.returncode == 2
+    err = [line for line in again.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "holds a run already" in err[0]
+    assert "--set train.resume=true" in err[0] and "--set train.overwrite_output_dir=true" in err[0]
+    assert (out / "metrics.jsonl").read_text().splitlines() == lines  # untouched
+
+    resumed = _small_run(out, "--set", "train.resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # nothing appended: the run was complete
+
+    (out / "notes.txt").write_text("mine")
+    replaced = _small_run(out, "--set", "train.overwrite_output_dir=true", "--set", "train.max_steps=1")
+    assert replaced.returncode == 0, replaced.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one run's lines, the new one's
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert (out / "notes.txt").read_text() == "mine"  # not mola's: left alone
+
+
+def test_counts_are_honest_and_the_expert_load_pass_has_a_limit(tmp_path):
+    out = tmp_path / "run"
+    result = _small_run(out, "--set", "eval.expert_load_examples=3")
+    assert result.returncode == 0, result.stderr
+    assert "evaluating 4 of 200 test rows (eval.max_examples 4)" in result.stderr
+    assert "expert load on 3 training rows (eval.expert_load_examples 3)" in result.stderr
+    assert json.loads((out / "expert_load.json").read_text())["examples"] == 3
+
+
+def test_generate_takes_a_tokenizer(tmp_path):
+    model = tmp_path / "model"
+    import shutil
+    shutil.copytree(ROOT / "data" / "models" / "stories260K", model)
+    (model / "tokenizer.model").rename(tmp_path / "tok.model")
+    missing = _mola("generate", model, "--prompt", "Once", "--raw", "--max-new-tokens", "4")
+    assert missing.returncode == 2 and "--tokenizer FILE" in missing.stderr and "'tokenizer'" in missing.stderr
+    given = _mola("generate", model, "--prompt", "Once", "--raw", "--max-new-tokens", "4",
+                  "--tokenizer", tmp_path / "tok.model")
+    assert given.returncode == 0, given.stderr

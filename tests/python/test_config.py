@@ -143,7 +143,7 @@ def test_unknown_keys_name_the_nearest_key(key, nearest):
         ({"targets": []}, "targets is empty"),
         ({"targets": "q_proj"}, "targets must be a list of module names"),
         ({"targets": ["q_proj", "q_proj"]}, 'targets lists "q_proj" twice'),
-        ({"method": "molx"}, 'method "molx" is not one of mola, lora, molex; did you mean "mola"'),
+        ({"method": "molx"}, 'method "molx" is not one of mola, lora, molex; did you mean "molex"'),
         ({"compute": "fast"}, 'compute "fast" is not one of auto, dense, grouped'),
     ],
 )

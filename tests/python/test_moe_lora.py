@@ -144,7 +144,8 @@ def test_dropout_dense_equals_grouped(num_experts, top_k):
 
 @pytest.mark.parametrize("compute", [DENSE, GROUPED], ids=["dense", "grouped"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_dropout_matches_reference_with_its_mask(compute, bias):
+@pytest.mark.parametrize("masks", ["per_expert", "shared"])
+def test_dropout_matches_reference_with_its_mask(compute, bias, masks):
     inputs = make_inputs(5, 4, (3, 7), bias)
     x = inputs[0]
     seed = seed_tensor(77)
@@ -152,8 +153,12 @@ def test_dropout_matches_reference_with_its_mask(compute, bias):
     assert mask.shape == (21, IN_FEATURES) and mask.dtype == torch.float32
     assert 0 < torch.count_nonzero(mask) < mask.numel()  # the mask does something at this size
 
-    y, logits = run_op(inputs, 2, 2.0, compute, DROP_P, True, seed)
-    y_ref, logits_ref = reference_moe_lora(*inputs, 2, 2.0, dropout_mask=mask)
+    y, logits = torch.ops.mola.moe_lora(*inputs, 2, 2.0, DROP_P, True, compute, seed, masks == "shared")
+    if masks == "shared":
+        y_ref, logits_ref = reference_moe_lora(*inputs, 2, 2.0, dropout_mask=mask)
+    else:
+        per = [mola.ops.dropout_mask(seed, 21, IN_FEATURES, DROP_P, expert=e) for e in range(5)]
+        y_ref, logits_ref = reference_moe_lora(*inputs, 2, 2.0, expert_masks=per)
     torch.testing.assert_close(y, y_ref, **TIGHT)
     torch.testing.assert_close(logits, logits_ref, **TIGHT)  # no dropout on the router input
     leaves = [x, inputs[3], inputs[4], inputs[5]]

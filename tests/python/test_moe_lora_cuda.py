@@ -200,7 +200,8 @@ def run_op(case, tensors, device, dtype, compute, dropout_p, seed, grads=None, l
             t = with_layout(t, layout)
         leaves[name] = t.detach().requires_grad_(name in grads)
     y, logits = torch.ops.mola.moe_lora(
-        *(leaves[n] for n in LEAVES), case["k"], SCALING, dropout_p, dropout_p > 0, compute, seed)
+        *(leaves[n] for n in LEAVES), case["k"], SCALING, dropout_p, dropout_p > 0, compute, seed,
+        case.get("shared", False))
     out = {"y": y.detach(), "logits": logits.detach()}
     gy, gl = (p.to(values_dtype or dtype).to(y) for p in probes([y.shape, logits.shape]))
     loss = (y * gy).sum() + (logits * gl).sum()
@@ -267,6 +268,16 @@ def compare_with_oracle(case, dtype, compute, dropout_p):
 @pytest.mark.parametrize("case", STRESS, ids=[c["name"] for c in STRESS])
 def test_stress_matches_cpu_float64(case, dtype, compute, dropout_p):
     compare_with_oracle(case, dtype, compute, dropout_p)
+
+
+# The shared dropout mask (dropout_masks "shared"): the dense kernels' fused masked
+# shrink and dropout pass, and the grouped kernels' stream 0; the default per-expert
+# masks above run grouped with each expert's stream.
+@pytest.mark.parametrize("compute", COMPUTES, ids=COMPUTE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", STRESS, ids=[c["name"] for c in STRESS])
+def test_stress_shared_masks_match_cpu_float64(case, dtype, compute):
+    compare_with_oracle(dict(case, shared=True), dtype, compute, 0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

@@ -60,7 +60,20 @@ def test_overrides_keep_the_types():
     assert r["train"]["epochs"] == 1 and r["adapter"]["top_k"] == 1
 
 
+def test_set_takes_json_values():
+    # A list for a key that holds a preset string, from --set and from a dict.
+    r = mola.load_recipe(str(TINY), ["adapter.experts=[2,2,4,6,8]", 'eval.methods=["loglik"]', "output_dir=2024",
+                                     "train.resume=true", "model.dtype=bfloat16"])
+    assert r["adapter"]["experts"] == [2, 2, 4, 6, 8] and r["eval"]["methods"] == ["loglik"]
+    assert r["output_dir"] == "2024" and r["train"]["resume"] is True and r["model"]["dtype"] == "bfloat16"
+    r = mola.load_recipe(str(TINY), {"adapter.experts": [2, 2, 3, 4, 5], "train.group_by_length": True})
+    assert r["adapter"]["experts"] == [2, 2, 3, 4, 5] and r["train"]["group_by_length"] is True
+    assert mola.load_recipe(str(TINY), ["adapter.experts=2468"])["adapter"]["experts"] == "2468"
+
+
 @pytest.mark.parametrize("override, message", [
+    ("train.group_by_length=False", "'False' is not a JSON value; write false"),
+    ("train.resume=True", "'True' is not a JSON value; write true"),
     ("train.lrr=1", "'train'.*unknown key .lrr.; did you mean .lr."),
     ("trian.lr=1", "unknown section 'trian'.*did you mean 'train'"),
     ("data.cutoff_len=1", "cutoff_len.*>= 2"),

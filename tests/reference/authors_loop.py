@@ -66,8 +66,9 @@ def _expert_loop(x_flat, weights, indices, lora_a, lora_b, scaling, expert_input
     """sum_j w_j * scaling * B[idx_j] A[idx_j] expert_input(x), one expert at a time.
 
     x_flat [T, in]; weights, indices [T, k]; lora_a [E, r, in]; lora_b [E, out, r].
-    expert_input is applied to each expert's gathered tokens (the authors
-    apply their dropout module there).
+    expert_input(expert, token, rows) is applied to each expert's gathered
+    tokens (the authors apply their dropout module there, so each expert draws
+    its own mask).
     """
     num_tokens = x_flat.shape[0]
     delta = x_flat.new_zeros(num_tokens, lora_b.shape[1])  # [T, out]
@@ -75,20 +76,23 @@ def _expert_loop(x_flat, weights, indices, lora_a, lora_b, scaling, expert_input
         token, slot = torch.nonzero(indices == expert, as_tuple=True)  # [n_e] each
         if token.numel() == 0:  # a host sync per expert, as in the authors' loop
             continue
-        routed = expert_input(x_flat[token])  # [n_e, in]
+        routed = expert_input(expert, token, x_flat[token])  # [n_e, in]
         update = F.linear(F.linear(routed, lora_a[expert]), lora_b[expert]) * scaling  # [n_e, out]
         delta.index_add_(0, token, update * weights[token, slot].unsqueeze(-1))
     return delta
 
 
-def reference_moe_lora(x, weight, bias, router, lora_a, lora_b, top_k, scaling, dropout_mask=None):
+def reference_moe_lora(x, weight, bias, router, lora_a, lora_b, top_k, scaling, dropout_mask=None,
+                       expert_masks=None):
     """y = x W^T + b + scaling * sum_j w_j B[idx_j] A[idx_j] (x * mask), and the router logits.
 
     x [..., in]; weight [out, in]; bias [out] or None; router [E, in];
     lora_a [E, r, in]; lora_b [E, out, r]. dropout_mask, when given, has the
-    shape of the flattened x [T, in] and multiplies x on the expert path only
-    (one mask shared by all experts, design.md 2.1). Returns (y [..., out],
-    router_logits [T, E] in x's dtype).
+    shape of the flattened x [T, in] and multiplies x on the expert path only,
+    one mask shared by all experts. expert_masks, when given, is one such mask
+    per expert (a list of E [T, in] tensors): expert e's tokens go through
+    expert_masks[e], as the authors' per-expert dropout calls draw them.
+    Returns (y [..., out], router_logits [T, E] in x's dtype).
     """
     in_features = x.shape[-1]
     x_flat = x.reshape(-1, in_features)  # [T, in]
@@ -96,7 +100,13 @@ def reference_moe_lora(x, weight, bias, router, lora_a, lora_b, top_k, scaling, 
     weights, indices, _ = reference_route(router_logits, top_k)
     weights = weights.to(x.dtype)  # the authors cast w back to x's dtype
     expert_x = x_flat if dropout_mask is None else x_flat * dropout_mask.to(x.dtype)
-    delta = _expert_loop(expert_x, weights, indices, lora_a, lora_b, scaling, lambda t: t)
+    if expert_masks is None:
+        def expert_input(expert, token, rows):
+            return rows
+    else:
+        def expert_input(expert, token, rows):
+            return rows * expert_masks[expert][token].to(x.dtype)
+    delta = _expert_loop(expert_x, weights, indices, lora_a, lora_b, scaling, expert_input)
     y = F.linear(x_flat, weight, bias) + delta  # [T, out]
     return y.reshape(*x.shape[:-1], weight.shape[0]), router_logits
 
@@ -143,9 +153,9 @@ class ReferenceMoLALinear(nn.Module):
     Parameter names (router, lora_a, lora_b, base) and shapes equal
     mola.MoLALinear's, so state dicts move between the two. The dropout
     module is applied to each expert's gathered tokens, as in the authors'
-    code, so a token routed to two experts sees two independent masks; mola
-    instead shares one mask per call (design.md 2.1). With dropout 0 the two
-    compute the same function.
+    code, so a token routed to two experts sees two independent masks, as
+    mola's default per-expert masks (mola's "shared" mode uses one). With
+    dropout 0 the two compute the same function.
     """
 
     def __init__(self, base, num_experts, top_k, rank, alpha=16, dropout=0.0):
@@ -182,7 +192,8 @@ class ReferenceMoLALinear(nn.Module):
         weights, indices, _ = reference_route(router_logits, self.top_k)
         weights = weights.to(x.dtype)
         delta = _expert_loop(
-            x_flat, weights, indices, self.lora_a, self.lora_b, self.scaling, self.lora_dropout
+            x_flat, weights, indices, self.lora_a, self.lora_b, self.scaling,
+            lambda expert, token, rows: self.lora_dropout(rows),
         )
         self.router_logits = router_logits
         y = self.base(x_flat) + delta  # [T, out]

@@ -7,7 +7,9 @@
 // owning it lets every malformed file become an error that names the file, the
 // tensor, what is wrong and the fix (design.md 10), never a crash or a read
 // past the end. Files are memory-mapped, so opening a 14 GB checkpoint reads
-// only its header; get() copies one tensor out, so the tensors outlive the file.
+// only its header; get() copies one tensor out, so the tensors outlive the
+// file; load() may instead hand out a view of the mapped bytes (a frozen base
+// model's weights: no copy, and pages are read only when used).
 //
 // Loading never executes code: there is no pickle here, only bytes and JSON.
 #pragma once
@@ -19,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -36,9 +39,12 @@ struct TensorInfo {
   uint64_t end = 0;
 };
 
-// A read-only memory map of one safetensors file with its parsed header.
-// open() validates the whole header up front (offsets, sizes, overlaps), so
-// every later get() reads only bytes that are inside the file.
+// A memory map of one safetensors file with its parsed header. open()
+// validates the whole header up front (offsets, sizes, overlaps), so every
+// later get() or load() reads only bytes that are inside the file. The map is
+// private and copy-on-write: a view handed out by load() may be written to
+// (PiSSA adjusts base weights in place), which copies the touched pages into
+// the process and never changes the file.
 //
 // A file truncated by another process while it is mapped raises SIGBUS on
 // access; that is the price of mmap and cannot be checked for.
@@ -62,15 +68,24 @@ class SafetensorsFile {
   // given and placed on `device`.
   at::Tensor get(const std::string& name, std::optional<at::ScalarType> dtype = std::nullopt,
                  at::Device device = at::kCPU) const;
+  // Tensor `name` in `dtype` on `device`: a view of the mapped bytes when they
+  // already are that (CPU, same dtype, aligned), which keeps the map alive as
+  // long as the tensor lives and reads its pages only when used; else a copy,
+  // as get(). viewed() says which one the last call gave.
+  at::Tensor load(const std::string& name, at::ScalarType dtype, at::Device device = at::kCPU) const;
   // The optional "__metadata__" object (string -> string); empty when absent.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
+  struct Mapping;
   SafetensorsFile() = default;
   void release() noexcept;
+  // The tensor's bytes as a CPU tensor of its file dtype, viewing the map (no copy) when aligned.
+  at::Tensor mapped(const std::string& name, const TensorInfo& ti) const;
 
   std::string path_;
-  const uint8_t* map_ = nullptr;  // the whole file, read-only
+  std::shared_ptr<Mapping> mapping_;  // shared with the views load() hands out
+  const uint8_t* map_ = nullptr;  // the whole file, mapped copy-on-write
   size_t map_size_ = 0;
   size_t data_start_ = 0;          // 8 + header length
   std::map<std::string, TensorInfo> entries_;
@@ -87,6 +102,15 @@ std::map<std::string, at::Tensor> load_safetensors(const std::string& path,
 // a crash leaves either the old file or the new one, never half of one.
 void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
+
+// The safetensors files of a Hugging Face checkpoint and the tensors each
+// holds, in file order: `dir_or_index` as load_sharded takes it. Reads the
+// index (when there is one) and checks every shard file exists; opens none.
+struct CheckpointShard {
+  std::string path;
+  std::vector<std::string> names;  // the weight map's tensors in this file; empty: all of them
+};
+std::vector<CheckpointShard> checkpoint_shards(const std::string& dir_or_index);
 
 // A Hugging Face checkpoint: `dir_or_index` is a directory holding
 // model.safetensors.index.json ({"weight_map": {name: shard file}}) or a single

@@ -34,13 +34,18 @@ std::map<std::string, at::Tensor> adapter_state_dict(const CausalLMImpl& model);
 void save_adapter(const CausalLMImpl& model, const std::string& dir);
 
 // Reads both files from `dir` and loads them into `model`, attaching the
-// adapter first when the model has none. Every check runs before anything
-// changes: ModelFileNotFoundError for a missing file; ConfigError for a bad
-// config, another layer count or, when an adapter is attached already,
-// another per-layer experts / top_k / rank (naming the layer and both values)
-// or other targets; std::invalid_argument for missing, unexpected or
-// misshapen tensors (naming the key and both shapes).
-void load_adapter(CausalLMImpl& model, const std::string& dir);
+// adapter first when the model has none. `dir` is an adapter directory, or a
+// directory whose "mola_adapter" folder is one (a whole-model save of an
+// injected transformers model, a Trainer checkpoint). As PEFT's
+// from_pretrained: by default the adapter is for inference, frozen
+// (requires_grad false) and the model put in eval mode; is_trainable leaves
+// the mode alone and makes the adapter trainable. Every check runs before
+// anything changes: ModelFileNotFoundError for a missing file; ConfigError
+// for a bad config, another layer count or, when an adapter is attached
+// already, another per-layer experts / top_k / rank (naming the layer and
+// both values) or other targets; std::invalid_argument for missing,
+// unexpected or misshapen tensors (naming the key and both shapes).
+void load_adapter(CausalLMImpl& model, const std::string& dir, bool is_trainable = false);
 
 }  // namespace mola::models
 

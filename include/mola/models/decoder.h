@@ -77,11 +77,16 @@ class AdaptableLinearImpl : public torch::nn::Module {
 
   // Registers `adapter` as "mola"; the layer must not have one yet.
   void attach(nn::MoLAAdapter adapter);
+  // Removes it again; the weight gets PiSSA's principal part back.
+  void detach();
   bool attached() const { return !mola.is_empty(); }
+  // The layer without its adapter: x W^T + b (with PiSSA, W plus its principal part).
+  at::Tensor base_forward(const at::Tensor& x);
 
   int64_t in_features, out_features;
   at::Tensor weight, bias;  // bias undefined when the layer has none
   nn::MoLAAdapter mola{nullptr};
+  bool adapter_enabled = true;  // false: forward is base_forward (CausalLM::set_adapter_enabled)
 };
 TORCH_MODULE(AdaptableLinear);
 
@@ -216,6 +221,13 @@ struct CausalLMOutput {
   at::Tensor loss;    // fp32 scalar; undefined when no labels were given
 };
 
+// Throws std::invalid_argument (a user error: ValueError in Python, exit
+// status 2 in the command) when `device` is a CUDA device this process cannot
+// use: no GPU or driver, an index past the devices found, or a build of mola
+// without its CUDA kernels. The message names the device, what was found and
+// `fix` (how to run on the CPU instead).
+void check_device(const at::Device& device, const std::string& fix);
+
 class CausalLMImpl : public torch::nn::Module {
  public:
   // A randomly initialised model (normal(0, 0.02) weights as transformers'
@@ -223,7 +235,9 @@ class CausalLMImpl : public torch::nn::Module {
   explicit CausalLMImpl(const ModelConfig& config);
 
   // Reads dir/config.json and the weights (model.safetensors or a sharded
-  // index) and checks them against the architecture: every expected key must
+  // index) and returns the model in eval mode, as transformers'
+  // from_pretrained does (call train() to train; Trainer::fit does). The
+  // weights are checked against the architecture: every expected key must
   // be present with its shape, and no key may be left over (rotary inv_freq
   // buffers and a tied lm_head.weight excepted). Throws
   // ModelFileNotFoundError, ModelConfigError, io::SafetensorsError or
@@ -253,6 +267,29 @@ class CausalLMImpl : public torch::nn::Module {
   at::Tensor generate(const at::Tensor& input_ids, const GenerateOptions& options = {},
                       const std::optional<at::Tensor>& attention_mask = {});
 
+  // Everything a copy needs, by value: config, name, adapter config, the
+  // parameters by name (the model's own tensors) and the PiSSA start tensors
+  // ("<path>.mola.pissa_a0" / "pissa_b0"), which parameters train, the mode,
+  // gradient checkpointing and the adapter switch. Router logits of past
+  // forwards are not part of it.
+  struct State {
+    ModelConfig config;
+    std::string name_or_path;
+    std::optional<ResolvedAdapter> adapter;
+    std::map<std::string, at::Tensor> tensors;
+    std::vector<std::string> trainable;
+    bool training = false, gradient_checkpointing = false, adapter_enabled = true;
+  };
+  State state() const;
+  // The model `state` describes; its tensors are cloned (clone) or taken as
+  // they are (not: the caller hands over fresh tensors, e.g. unpickled).
+  // Builds without random initialisation and leaves the random generators
+  // as they were. Throws std::invalid_argument when a tensor is missing or
+  // misshapen.
+  static std::shared_ptr<CausalLMImpl> from_state(const State& state, bool clone);
+  // A deep copy on the same devices (copy.deepcopy of the Python object).
+  std::shared_ptr<CausalLMImpl> copy() const { return from_state(state(), /*clone=*/true); }
+
   // Gradient checkpointing per decoder layer (see checkpointed_layer_forward).
   void set_gradient_checkpointing(bool on) { model->gradient_checkpointing = on; }
   bool gradient_checkpointing() const { return model->gradient_checkpointing; }
@@ -260,6 +297,16 @@ class CausalLMImpl : public torch::nn::Module {
   // Copies `weights` (checkpoint names) into the parameters after the checks
   // described at from_pretrained; `source` names the checkpoint in messages.
   void load_weights(std::map<std::string, at::Tensor> weights, const std::string& source);
+  // from_pretrained's loading: the checkpoint in `dir` (model.safetensors or
+  // a sharded index) into the parameters, in `dtype` on `device`. Every
+  // shard's header is checked first (the same checks); then the shards are
+  // read one at a time. On the CPU, a tensor already in `dtype` is a view of
+  // the file mapped copy-on-write: no copy is made, its pages are read when
+  // first used, and they are file-backed (the kernel can drop and re-read
+  // them), so resident memory grows with what the model touches, up to the
+  // weights' size. Any other tensor is converted one at a time; onto a GPU
+  // the host holds one shard's mapping at a time.
+  void load_checkpoint(const std::string& dir, at::ScalarType dtype, at::Device device);
 
   const ModelConfig& config() const { return model->config; }
 
@@ -275,15 +322,31 @@ class CausalLMImpl : public torch::nn::Module {
   // The attached adapter's settings, base_model_name filled in; throws
   // std::logic_error without one.
   const ResolvedAdapter& adapter_config() const;
-  // The load-balancing loss (design.md 2.2) of the last forward: per layer,
-  // the router logits of its adapted projections stacked in
+  // The load-balancing loss (design.md 2.2). Which forwards count: every
+  // training forward (training mode, grad mode on) since the loss was last
+  // taken, balanced together as one batch of their tokens (two sequences
+  // scored separately before one backward); without one, the last forward.
+  // Taking it forgets them, and so does a backward pass that reached the
+  // adapter before the next forward (nn::detail::RouterLog). Per layer, the
+  // router logits of its adapted projections are stacked in
   // projection_names() order. coef defaults to the config's aux_loss_coef.
-  // mask [batch, seq] (1 = token) leaves padding out. A MoLEx adapter adds
+  // mask [batch, seq] (1 = token) leaves padding out; when several forwards
+  // count it covers all their tokens, in call order. A MoLEx adapter adds
   // molex_aux_loss_coef times the sum over layers of the gates' balance
   // loss (mola/nn/molex.h) when that coefficient is > 0; coef does not
   // change it.
   at::Tensor aux_loss(std::optional<double> coef = std::nullopt,
-                      const std::optional<at::Tensor>& mask = std::nullopt) const;
+                      const std::optional<at::Tensor>& mask = std::nullopt);
+  // Switches the adapter off (the base model alone: each projection its
+  // weight, with PiSSA plus the principal part taken out of it; each MoLEx
+  // layer its own block) and on again. The adapter stays attached.
+  void set_adapter_enabled(bool enabled);
+  bool adapter_enabled() const { return adapter_enabled_; }
+  // Removes the adapter: the projections lose their "mola" child (a PiSSA
+  // base gets its principal part back), the layers their MoLEx gate, and
+  // every base parameter trains again, as before attach. Throws
+  // std::logic_error without an adapter.
+  void detach_adapter();
   // The adapted projections: {module path, layer index, projection}, layer by
   // layer in projection_names() order.
   struct AdaptedProjection {
@@ -298,10 +361,11 @@ class CausalLMImpl : public torch::nn::Module {
   std::string name_or_path;
 
   DecoderModel model{nullptr};
-  torch::nn::Linear lm_head{nullptr};  // null when tied to model.embed_tokens
+  AdaptableLinear lm_head{nullptr};  // "lm_head.weight" [vocab, hidden]; null when tied to model.embed_tokens
 
  private:
   std::optional<ResolvedAdapter> adapter_;
+  bool adapter_enabled_ = true;
 };
 // The module holder (what TORCH_MODULE(CausalLM) would make) with
 // from_pretrained, so that C++ reads as design.md 6.2:

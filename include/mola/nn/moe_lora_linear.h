@@ -17,8 +17,11 @@
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace mola::nn {
 
@@ -33,6 +36,9 @@ struct MoLALinearOptions {
   TORCH_ARG(int64_t, rank) = 8;
   TORCH_ARG(double, alpha) = 16.0;
   TORCH_ARG(double, dropout) = 0.0;
+  // "per_expert" (each routed expert draws its own mask, as the MoLA authors)
+  // or "shared" (one mask for every expert; faster): AdapterConfig::dropout_masks.
+  TORCH_ARG(std::string, dropout_masks) = "per_expert";
   TORCH_ARG(ops::Compute, compute) = ops::Compute::kAuto;
   // The transformer layer this module belongs to; the balance loss groups by it.
   TORCH_ARG(int64_t, layer_index) = -1;
@@ -64,7 +70,28 @@ void reset_adapter_parameters(at::Tensor& router, at::Tensor& lora_a, at::Tensor
 // c10::ValueError when r exceeds min(out, in).
 void pissa_init(at::Tensor& weight, at::Tensor& lora_a, at::Tensor& lora_b, double scaling);
 // ops::moe_lora with the options' k, scaling, dropout and compute; draws the
-// dropout seed when training with dropout. Returns y and the router logits.
+// dropout seed when training with dropout. Router and experts in another
+// dtype than x (an fp32 adapter over a 16-bit base) are cast to x's dtype,
+// differentiably. Returns y and the router logits.
+// The router logits a module keeps for the balance loss (CausalLM::aux_loss):
+// those of every training forward (training mode, grad mode on, an adapter
+// tensor that trains) since the loss was last taken, so that two forwards
+// before one backward are balanced together. A backward pass through a
+// forward (backward or autograd::grad) drops that forward's logits, whose
+// graph it spent (a pre-hook on their autograd node), so a loop that never
+// takes the loss holds one step's logits at most.
+struct RouterLog {
+  // The training forwards since the loss was last taken; shared with the
+  // hooks, which hold it weakly.
+  std::shared_ptr<std::vector<at::Tensor>> pending = std::make_shared<std::vector<at::Tensor>>();
+
+  // After a forward that gave `logits`.
+  void record(const at::Tensor& logits, bool training, const at::Tensor& router, const at::Tensor& lora_a,
+              const at::Tensor& lora_b);
+  // The logits the balance loss counts, forgotten: `pending`, else {last}
+  // (the last forward's, when defined), else {}.
+  std::vector<at::Tensor> take(const at::Tensor& last);
+};
 std::tuple<at::Tensor, at::Tensor> adapter_forward(const MoLALinearOptions& options, bool training,
                                                    const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& router,
@@ -87,6 +114,10 @@ class MoLALinearImpl : public torch::nn::Module {
 
   double scaling() const { return options.alpha() / static_cast<double>(options.rank()); }
 
+  // The balance loss's logits (detail::RouterLog): those of the training
+  // forwards since it was last taken, else the last forward's; forgets them.
+  std::vector<at::Tensor> take_router_logits() { return log_.take(router_logits); }
+
   MoLALinearOptions options;
   torch::nn::Linear base{nullptr};
   at::Tensor router;   // [E, in]
@@ -96,6 +127,7 @@ class MoLALinearImpl : public torch::nn::Module {
 
  private:
   void build();
+  detail::RouterLog log_;
 };
 
 TORCH_MODULE(MoLALinear);
@@ -114,11 +146,32 @@ class MoLAAdapterImpl : public torch::nn::Module {
 
   double scaling() const { return options.alpha() / static_cast<double>(options.rank()); }
 
+  // The balance loss's logits (detail::RouterLog): those of the training
+  // forwards since it was last taken, else the last forward's; forgets them.
+  std::vector<at::Tensor> take_router_logits();
+  // What the balance loss would count, kept and put back around a forward
+  // that must not count (MoLEx's second block, a checkpoint's recompute).
+  struct Routing {
+    at::Tensor last;
+    std::vector<at::Tensor> pending;
+  };
+  Routing routing() const { return {router_logits, *log_.pending}; }
+  void set_routing(Routing r);
+  // Records `logits` as a forward's (router_logits and the balance loss's log).
+  void record_routing(const at::Tensor& logits);
+
   MoLALinearOptions options;
   at::Tensor router;         // [E, in]
   at::Tensor lora_a;         // [E, r, in]
   at::Tensor lora_b;         // [E, out, r]
   at::Tensor router_logits;  // [T, E] of the last forward
+  // Its PiSSA start (init "pissa"): every expert's A0 [r, in] and B0 [out, r],
+  // the principal part scaling * B0 A0 taken out of the base weight, which
+  // the base model alone adds back (CausalLM adapter switch, detach).
+  at::Tensor pissa_a0, pissa_b0;
+
+ private:
+  detail::RouterLog log_;
 };
 
 TORCH_MODULE(MoLAAdapter);

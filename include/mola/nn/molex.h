@@ -92,6 +92,7 @@ class MoLExGateImpl : public torch::nn::Module {
   torch::nn::Linear gate{nullptr};  // hidden -> L, with bias
   at::Tensor alpha;                 // [1], the logit of alpha; undefined unless alpha_learned
   MoLExRouting last;
+  bool enabled = true;  // false: the layer runs its own block alone (CausalLM::set_adapter_enabled)
 };
 TORCH_MODULE(MoLExGate);
 

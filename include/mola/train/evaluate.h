@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -101,10 +102,12 @@ void write_eval_files(const EvalResult& result, const std::string& dir);
 //             prediction = the option with the highest sum (ties: the first).
 //             Sequences are scored in right-padded batches of batch_size.
 // The model runs in eval mode without gradients and gets its training mode
-// back afterwards. Throws ConfigError for bad options and
-// std::invalid_argument for an empty row set, a row without an answer, or
-// (loglik) a row without options or whose answer is not among them.
+// back afterwards. A pass that takes more than a few seconds reports its
+// progress on `progress` (nullptr: silent). Throws ConfigError for bad
+// options and std::invalid_argument for an empty row set, a row without an
+// answer, or (loglik) a row without options or whose answer is not among them.
 EvalResult evaluate(models::CausalLMImpl& model, const data::Tokenizer& tok, const data::PromptTemplate& tmpl,
-                    const std::vector<data::Row>& rows, const EvalOptions& options = {});
+                    const std::vector<data::Row>& rows, const EvalOptions& options = {},
+                    std::FILE* progress = stderr);
 
 }  // namespace mola::train

@@ -44,6 +44,10 @@ struct TrainOptions {
   // OUTPUT/checkpoints (a fresh run when there is none); a string: continue
   // from that checkpoint directory.
   std::variant<bool, std::string> resume = false;
+  // A fresh run (resume false) refuses an output directory that holds a run
+  // already (its metrics.jsonl would mix two runs); true removes that run's
+  // files first (transformers' TrainingArguments.overwrite_output_dir).
+  bool overwrite_output_dir = false;
   std::string init_adapter;  // "" or an adapter directory to start from (design.md 8.1)
   // What trains (design.md 8.1), one of trainables(): "all" (routers and
   // experts, the papers'), "experts" (A and B; routers frozen, the authors'

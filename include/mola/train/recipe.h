@@ -72,6 +72,9 @@ struct Recipe {
   TrainOptions train;
   EvalOptions eval;
   bool eval_before_training = false;  // eval.before_training: the test split before training too
+  // eval.expert_load_examples: rows the expert-load pass after training
+  // routes (the validation split, else the training rows); 0: all of them.
+  int64_t expert_load_examples = 256;
   std::string output_dir = "out/run";
 
   // Parses and validates every section. base_dir: where relative paths are

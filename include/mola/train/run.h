@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <vector>
@@ -69,8 +70,26 @@ nlohmann::json run_eval(const Recipe& recipe, const std::string& adapter_dir, co
 // `examples` (no grad, eval mode): per layer, the top-k choices counted over
 // the non-padding tokens, summed over the layer's projections, as fractions.
 // {"layers": [{"layer": i, "experts": E, "share": [...], "per_target": {...}}], "tokens": n}
+// A pass longer than a few seconds reports its progress on `progress` (nullptr: silent).
 nlohmann::json expert_load(models::CausalLMImpl& model, const std::vector<data::Example>& examples,
-                           int64_t batch_size);
+                           int64_t batch_size, std::FILE* progress = stderr);
+
+// One verb of the `mola` command: the table behind the usage text, each
+// verb's --help, did-you-mean and the pointer to python -m mola for the verbs
+// that live in the Python package (handler nullptr, python_only).
+struct Verb {
+  const char* name;      // "train", or "convert mola-authors" for a verb of two words
+  const char* synopsis;  // its arguments, after the name
+  const char* summary;   // one line
+  const char* options;   // the option lines of its --help ("" when none)
+  const char* example;   // a command line that works from the repository root
+  int (*handler)(const std::vector<std::string>& args, const c10::intrusive_ptr<c10d::ProcessGroup>& group);
+  bool python_only;
+};
+const std::vector<Verb>& verbs();
+// `mola --help`, and `mola VERB --help` (std::invalid_argument for no such verb).
+std::string usage();
+std::string help(const std::string& verb);
 
 // The `mola` command line (without the program name). Prints to stdout and
 // stderr; returns the exit status: 0, 1 (the run failed), 2 (a user error:
@@ -80,6 +99,9 @@ nlohmann::json expert_load(models::CausalLMImpl& model, const std::vector<data::
 // of more than one rank. Without a group, `mola train` under a launcher that
 // set WORLD_SIZE > 1 is a user error that names python -m mola: this program
 // does not create a group itself (the LibTorch wheel ships no Gloo headers).
+// `mola VERB --help` prints the verb's usage, options and an example;
+// `mola --version` the version, the LibTorch it was built against and
+// whether its CUDA kernels are built in.
 int run_command(const std::vector<std::string>& args, const c10::intrusive_ptr<c10d::ProcessGroup>& group = {});
 
 }  // namespace mola::train

@@ -26,17 +26,17 @@ class MoeLoraFunction : public torch::autograd::Function<MoeLoraFunction> {
                                const std::optional<at::Tensor>& bias, const at::Tensor& router,
                                const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
                                double scaling, double dropout_p, bool training, int64_t compute,
-                               const std::optional<at::Tensor>& dropout_seed) {
+                               const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
     static auto fwd = c10::Dispatcher::singleton()
                           .findSchemaOrThrow("mola::_moe_lora_forward", "")
                           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                               const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, int64_t, double, double, bool,
-                              int64_t, const std::optional<at::Tensor>&)>();
+                              int64_t, const std::optional<at::Tensor>&, bool)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, logits, hidden] = fwd.call(x, weight, bias, router, lora_a, lora_b, top_k, scaling,
-                                        dropout_p, training, compute, dropout_seed);
+                                        dropout_p, training, compute, dropout_seed, shared_dropout_mask);
     // x and the adapter for the products; logits to recompute the routing; the
     // small expert activations h (E*r/in of x) so backward skips the shrink GEMM.
     ctx->save_for_backward({x, weight, router, lora_a, lora_b, logits, hidden,
@@ -47,6 +47,7 @@ class MoeLoraFunction : public torch::autograd::Function<MoeLoraFunction> {
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["training"] = training;
     ctx->saved_data["compute"] = compute;
+    ctx->saved_data["shared_dropout_mask"] = shared_dropout_mask;
     return {y, logits};
   }
 
@@ -59,7 +60,7 @@ class MoeLoraFunction : public torch::autograd::Function<MoeLoraFunction> {
                 const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                 const at::Tensor&, const at::Tensor&, int64_t, double, double, bool, int64_t,
-                const std::optional<at::Tensor>&, std::array<bool, 6>)>();
+                const std::optional<at::Tensor>&, bool, std::array<bool, 6>)>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& weight = saved[1];
@@ -82,10 +83,11 @@ class MoeLoraFunction : public torch::autograd::Function<MoeLoraFunction> {
         bwd.call(grad_y, opt(grad_outputs[1]), x, weight, saved[2], saved[3], saved[4], saved[5],
                  saved[6], ctx->saved_data["top_k"].toInt(), ctx->saved_data["scaling"].toDouble(),
                  ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["training"].toBool(),
-                 ctx->saved_data["compute"].toInt(), opt(saved[7]), mask);
+                 ctx->saved_data["compute"].toInt(), opt(saved[7]),
+                 ctx->saved_data["shared_dropout_mask"].toBool(), mask);
     // One gradient per forward argument; the non-tensor ones and the seed get none.
     return {gx, gw, gb, gr, ga, gbb, at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -93,9 +95,10 @@ std::tuple<at::Tensor, at::Tensor> moe_lora_autograd(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
     double scaling, double dropout_p, bool training, int64_t compute,
-    const std::optional<at::Tensor>& dropout_seed) {
+    const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
   variable_list out = MoeLoraFunction::apply(x, weight, bias, router, lora_a, lora_b, top_k,
-                                             scaling, dropout_p, training, compute, dropout_seed);
+                                             scaling, dropout_p, training, compute, dropout_seed,
+                                             shared_dropout_mask);
   return {out[0], out[1]};
 }
 

@@ -36,9 +36,9 @@ uint32_t keep_threshold(float p) {
 }
 
 // The multipliers of elements 4*g0 .. 4*g0 + 63 into m[0..63].
-void multiplier_block_scalar(uint64_t seed, uint64_t g0, uint32_t thr, float scale, float* m) {
+void multiplier_block_scalar(uint64_t seed, uint32_t stream, uint64_t g0, uint32_t thr, float scale, float* m) {
   for (int j = 0; j < kBlockGroups; ++j) {
-    const philox::U32x4 r = philox::dropout_bits4(seed, g0 + static_cast<uint64_t>(j));
+    const philox::U32x4 r = philox::dropout_bits4(seed, g0 + static_cast<uint64_t>(j), stream);
     m[4 * j + 0] = (r.x >> 8) >= thr ? scale : 0.0f;
     m[4 * j + 1] = (r.y >> 8) >= thr ? scale : 0.0f;
     m[4 * j + 2] = (r.z >> 8) >= thr ? scale : 0.0f;
@@ -75,7 +75,7 @@ __attribute__((target("avx2"))) inline __m256 multiplier8(__m256i r, __m256i thr
   return _mm256_and_ps(_mm256_castsi256_ps(keep), scale);
 }
 
-__attribute__((target("avx2"))) void multiplier_block_avx2(uint64_t seed, uint64_t g0,
+__attribute__((target("avx2"))) void multiplier_block_avx2(uint64_t seed, uint32_t stream, uint64_t g0,
                                                            uint32_t thr, float scale, float* m) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kM1));
@@ -86,7 +86,7 @@ __attribute__((target("avx2"))) void multiplier_block_avx2(uint64_t seed, uint64
     counter_words<8>(g0 + static_cast<uint64_t>(half), lo32, hi32);
     __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo32));
     __m256i y = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi32));
-    __m256i z = _mm256_setzero_si256(), w = _mm256_setzero_si256();
+    __m256i z = _mm256_set1_epi32(static_cast<int>(stream)), w = _mm256_setzero_si256();
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < philox::kRounds; ++round) {
       if (round > 0) {
@@ -130,7 +130,7 @@ MOLA_AVX512 inline __m512 multiplier16(__m512i r, __m512i thr, __m512 scale) {
   return _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(r, 8), thr), scale);
 }
 
-MOLA_AVX512 void multiplier_block_avx512(uint64_t seed, uint64_t g0, uint32_t thr, float scale,
+MOLA_AVX512 void multiplier_block_avx512(uint64_t seed, uint32_t stream, uint64_t g0, uint32_t thr, float scale,
                                          float* m) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(philox::kM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(philox::kM1));
@@ -138,7 +138,7 @@ MOLA_AVX512 void multiplier_block_avx512(uint64_t seed, uint64_t g0, uint32_t th
   counter_words<16>(g0, lo32, hi32);
   __m512i x = _mm512_load_si512(lo32);
   __m512i y = _mm512_load_si512(hi32);
-  __m512i z = _mm512_setzero_si512(), w = _mm512_setzero_si512();
+  __m512i z = _mm512_set1_epi32(static_cast<int>(stream)), w = _mm512_setzero_si512();
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < philox::kRounds; ++round) {
     if (round > 0) {
@@ -191,7 +191,7 @@ void apply_block_f32_scalar(const float* src, float* dst, const float* m) {
   for (int j = 0; j < kBlock; ++j) dst[j] = src[j] * m[j];
 }
 
-using MultiplierFn = void (*)(uint64_t, uint64_t, uint32_t, float, float*);
+using MultiplierFn = void (*)(uint64_t, uint32_t, uint64_t, uint32_t, float, float*);
 using ApplyF32Fn = void (*)(const float*, float*, const float*);
 
 struct BlockPath {
@@ -220,16 +220,39 @@ DropoutIsa best_isa() {
 // Calls fn(begin_element, count, multipliers) for consecutive blocks of n
 // elements, in parallel; multipliers[j] belongs to element begin_element + j.
 template <typename Fn>
-void for_each_block(const BlockPath& path, int64_t n, uint64_t seed, float p, const Fn& fn) {
+void for_each_block(const BlockPath& path, int64_t n, uint64_t seed, uint32_t stream, float p, const Fn& fn) {
   const uint32_t thr = keep_threshold(p);
   const float scale = philox::dropout_scale(p);
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
     alignas(64) float m[kBlock];
     for (int64_t b = begin; b < end; ++b) {
-      path.multipliers(seed, static_cast<uint64_t>(b * kBlockGroups), thr, scale, m);
+      path.multipliers(seed, stream, static_cast<uint64_t>(b * kBlockGroups), thr, scale, m);
       const int64_t start = b * kBlock;
       fn(start, std::min(kBlock, n - start), m);
+    }
+  });
+}
+
+// The same over selected rows of a [*, cols] matrix: for each r in
+// [0, rows.size()), fn(r, col0, count, multipliers) for the columns col0 ..
+// col0 + count - 1 of mask row rows[r] (elements rows[r] * cols + col), in
+// blocks; rows in parallel.
+template <typename Fn>
+void for_each_row_block(const BlockPath& path, const int64_t* rows, int64_t n_rows, int64_t cols, uint64_t seed,
+                        uint32_t stream, float p, const Fn& fn) {
+  const uint32_t thr = keep_threshold(p);
+  const float scale = philox::dropout_scale(p);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, cols));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float m[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t first = rows[r] * cols, last = first + cols;  // the row's element range
+      for (int64_t b = first / kBlock; b * kBlock < last; ++b) {
+        path.multipliers(seed, stream, static_cast<uint64_t>(b * kBlockGroups), thr, scale, m);
+        const int64_t lo = std::max(first, b * kBlock), hi = std::min(last, (b + 1) * kBlock);
+        fn(r, lo - first, hi - lo, m + (lo - b * kBlock));
+      }
     }
   });
 }
@@ -247,17 +270,17 @@ void apply_span(const T* src, T* dst, int64_t count, const float* m, const Block
 }
 
 template <typename T>
-void apply(const T* in, T* out, int64_t n, uint64_t seed, float p, const BlockPath& path) {
-  for_each_block(path, n, seed, p, [&](int64_t start, int64_t count, const float* m) {
+void apply(const T* in, T* out, int64_t n, uint64_t seed, uint32_t stream, float p, const BlockPath& path) {
+  for_each_block(path, n, seed, stream, p, [&](int64_t start, int64_t count, const float* m) {
     apply_span(in + start, out + start, count, m, path);
   });
 }
 
 // x~ = x * m into xd, and g *= m in place, with one generation of the mask m.
 template <typename T>
-void apply_pair(const T* x, T* xd, T* g, int64_t n, uint64_t seed, float p,
+void apply_pair(const T* x, T* xd, T* g, int64_t n, uint64_t seed, uint32_t stream, float p,
                 const BlockPath& path) {
-  for_each_block(path, n, seed, p, [&](int64_t start, int64_t count, const float* m) {
+  for_each_block(path, n, seed, stream, p, [&](int64_t start, int64_t count, const float* m) {
     apply_span(x + start, xd + start, count, m, path);
     apply_span(g + start, g + start, count, m, path);
   });
@@ -271,25 +294,25 @@ void check_dropout_input(const at::Tensor& x, double p) {
 
 }  // namespace
 
-at::Tensor dropout_apply_cpu(const at::Tensor& x, uint64_t seed, double p) {
+at::Tensor dropout_apply_cpu(const at::Tensor& x, uint64_t seed, double p, uint32_t stream) {
   check_dropout_input(x, p);
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_apply", [&] {
-    apply<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x.numel(), seed,
+    apply<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x.numel(), seed, stream,
                     static_cast<float>(p), block_path(best_isa()));
   });
   return out;
 }
 
-void dropout_apply_cpu_(at::Tensor& x, uint64_t seed, double p) {
+void dropout_apply_cpu_(at::Tensor& x, uint64_t seed, double p, uint32_t stream) {
   check_dropout_input(x, p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_apply_", [&] {
     scalar_t* data = x.mutable_data_ptr<scalar_t>();
-    apply<scalar_t>(data, data, x.numel(), seed, static_cast<float>(p), block_path(best_isa()));
+    apply<scalar_t>(data, data, x.numel(), seed, stream, static_cast<float>(p), block_path(best_isa()));
   });
 }
 
-at::Tensor dropout_apply_pair_cpu(const at::Tensor& x, at::Tensor& grad, uint64_t seed, double p) {
+at::Tensor dropout_apply_pair_cpu(const at::Tensor& x, at::Tensor& grad, uint64_t seed, double p, uint32_t stream) {
   check_dropout_input(x, p);
   check_dropout_input(grad, p);
   TORCH_CHECK(x.sizes() == grad.sizes() && x.scalar_type() == grad.scalar_type(),
@@ -297,25 +320,75 @@ at::Tensor dropout_apply_pair_cpu(const at::Tensor& x, at::Tensor& grad, uint64_
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_pair", [&] {
     apply_pair<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                         grad.mutable_data_ptr<scalar_t>(), x.numel(), seed, static_cast<float>(p),
+                         grad.mutable_data_ptr<scalar_t>(), x.numel(), seed, stream, static_cast<float>(p),
                          block_path(best_isa()));
   });
   return out;
 }
 
-at::Tensor dropout_mask_values_cpu(uint64_t seed, int64_t rows, int64_t cols, double p) {
-  return dropout_mask_values_cpu(seed, rows, cols, p, best_isa());
+at::Tensor dropout_mask_values_cpu(uint64_t seed, int64_t rows, int64_t cols, double p, uint32_t stream) {
+  return dropout_mask_values_cpu(seed, rows, cols, p, best_isa(), stream);
 }
 
 at::Tensor dropout_mask_values_cpu(uint64_t seed, int64_t rows, int64_t cols, double p,
-                                   DropoutIsa isa) {
+                                   DropoutIsa isa, uint32_t stream) {
   at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
   float* out = mask.data_ptr<float>();
-  for_each_block(block_path(isa), rows * cols, seed, static_cast<float>(p),
+  for_each_block(block_path(isa), rows * cols, seed, stream, static_cast<float>(p),
                  [&](int64_t start, int64_t count, const float* m) {
                    std::copy(m, m + count, out + start);
                  });
   return mask;
+}
+
+namespace {
+void check_rows(const at::Tensor& x, const at::Tensor& rows, double p) {
+  check_dropout_input(x, p);
+  TORCH_CHECK(x.dim() == 2 && rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  rows.device().is_cpu(),
+              "dropout rows (CPU): expected x [rows, cols] and contiguous int64 CPU row indices");
+}
+}  // namespace
+
+at::Tensor dropout_apply_rows_cpu(const at::Tensor& x, const at::Tensor& rows, uint64_t seed, double p,
+                                  uint32_t stream) {
+  check_rows(x, rows, p);
+  const int64_t n = rows.numel(), cols = x.size(1);
+  at::Tensor out = at::empty({n, cols}, x.options());
+  const int64_t* idx = rows.const_data_ptr<int64_t>();
+  const BlockPath path = block_path(best_isa());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_apply_rows", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for_each_row_block(path, idx, n, cols, seed, stream, static_cast<float>(p),
+                       [&](int64_t r, int64_t col0, int64_t count, const float* m) {
+                         apply_span(src + idx[r] * cols + col0, dst + r * cols + col0, count, m, path);
+                       });
+  });
+  return out;
+}
+
+at::Tensor dropout_apply_rows_pair_cpu(const at::Tensor& x, const at::Tensor& rows, at::Tensor& grad,
+                                       uint64_t seed, double p, uint32_t stream) {
+  check_rows(x, rows, p);
+  check_dropout_input(grad, p);
+  const int64_t n = rows.numel(), cols = x.size(1);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == n && grad.size(1) == cols && grad.scalar_type() == x.scalar_type(),
+              "dropout_apply_rows_pair: grad ", grad.sizes(), " must be [", n, ", ", cols, "] in x's dtype");
+  at::Tensor out = at::empty({n, cols}, x.options());
+  const int64_t* idx = rows.const_data_ptr<int64_t>();
+  const BlockPath path = block_path(best_isa());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_rows_pair", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    for_each_row_block(path, idx, n, cols, seed, stream, static_cast<float>(p),
+                       [&](int64_t r, int64_t col0, int64_t count, const float* m) {
+                         apply_span(src + idx[r] * cols + col0, dst + r * cols + col0, count, m, path);
+                         apply_span(g + r * cols + col0, g + r * cols + col0, count, m, path);
+                       });
+  });
+  return out;
 }
 
 std::vector<DropoutIsa> dropout_isas() {

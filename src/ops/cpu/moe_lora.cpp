@@ -4,11 +4,16 @@
 // Dense-masked: every expert on every token, h = x~ A_cat^T [T, E*r], scaled per
 // expert block by s * g[t, e] (g: the [T, E] gate matrix, 0 off the top-k), then
 // y += u B_cat^T. Grouped: the (token, slot) pairs sorted by expert and one small
-// GEMM pair per expert segment, k/E of the dense work plus indexing.
+// GEMM pair per expert segment, k/E of the dense work plus indexing. Per-expert
+// dropout masks (the default when training with dropout) always run grouped:
+// each expert's segment reads its tokens through its own mask.
 // Routing and the dropout mask come through the dispatcher (mola::moe_lora_route,
 // mola::_dropout_mask), so the backward recomputes exactly what the forward used.
 #include "ops/moe_lora_impl.h"
 #include "ops/cpu/dropout.h"
+#include "ops/cpu/low_precision.h"
+
+#include <philox.h>
 
 #include <mola/ops.h>
 
@@ -36,6 +41,27 @@ at::Tensor apply_dropout(const at::Tensor& X, double p, const std::optional<at::
 at::Tensor dropout_input(const at::Tensor& X, double p, bool training,
                          const std::optional<at::Tensor>& seed) {
   return dropout_active(p, training) ? apply_dropout(X, p, seed) : X;
+}
+
+// Expert e's x~ rows under per-expert masks: X[tok] * mask_e[tok] ([n, in];
+// X [T, in]). With grad (same shape, [n, in]) also grad *= mask_e[tok] in
+// place, from the same generation of the mask. On the CPU one fused pass;
+// elsewhere (the CUDA path's ATen fallback) the host-made mask rows, copied over.
+at::Tensor expert_rows(const at::Tensor& X, const at::Tensor& tok, int64_t e, double p,
+                       const std::optional<at::Tensor>& seed, at::Tensor* grad = nullptr) {
+  const auto s = static_cast<uint64_t>(read_dropout_seed(seed));
+  const uint32_t stream = philox::expert_stream(e);
+  if (X.device().is_cpu()) {
+    const at::Tensor Xc = X.contiguous(), rows = tok.contiguous();
+    if (grad != nullptr) return dropout_apply_rows_pair_cpu(Xc, rows, *grad, s, p, stream);
+    return dropout_apply_rows_cpu(Xc, rows, s, p, stream);
+  }
+  const auto acc = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor mask = dropout_mask_values_cpu(s, X.size(0), X.size(1), p, stream)
+                              .index_select(0, tok.cpu())
+                              .to(X.device(), acc);
+  if (grad != nullptr) *grad = (grad->to(acc) * mask).to(grad->scalar_type());
+  return (X.index_select(0, tok).to(acc) * mask).to(X.scalar_type());
 }
 
 // [A_cat; Wr]: [E*r + E, in], every expert's A rows then the router's. One GEMM
@@ -67,16 +93,19 @@ ExpertSegments segment_by_expert(const at::Tensor& idx, int64_t E) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
+// The forward in x's dtype; `weight` may be 16-bit under an fp32 x (the
+// CPU's fp32 compute from 16-bit storage, ops/cpu/low_precision.h), whose
+// products then read it block by block.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
     double scaling, double dropout_p, bool training, int64_t compute,
-    const std::optional<at::Tensor>& dropout_seed) {
-  check_moe_lora_args(x, weight, bias, router, lora_a, lora_b, top_k, dropout_p, training, compute,
-                      dropout_seed);
+    const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
+  const bool weight_16bit = weight.scalar_type() != x.scalar_type();
   const int64_t in = x.size(-1), out = weight.size(0), E = router.size(0), r = lora_a.size(1);
+  const bool per_expert = per_expert_dropout(dropout_p, training, shared_dropout_mask);
   const int64_t mode = static_cast<int64_t>(
-      ops::resolve_compute(static_cast<ops::Compute>(compute), E, r));
+      ops::resolve_compute(static_cast<ops::Compute>(compute), E, r, per_expert));
   at::Tensor X = x.reshape({-1, in});  // [T, in]
   const int64_t T = X.size(0);
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
@@ -93,8 +122,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
     logits = at::mm(X, router.t());  // no dropout on the router input
   }
   auto [w, idx, gate] = ops::moe_lora_route(logits, top_k);  // [T,k], [T,k], [T,E]
-  at::Tensor Xd = dropout_input(X, dropout_p, training, dropout_seed);
-  at::Tensor y = at::linear(X, weight, bias).contiguous();  // [T, out], exactly nn.Linear
+  // The shared x~ (per-expert masks make each expert's rows below instead).
+  at::Tensor Xd = per_expert ? X : dropout_input(X, dropout_p, training, dropout_seed);
+  at::Tensor y = weight_16bit ? linear_from_16bit(X, weight, bias)
+                              : at::linear(X, weight, bias).contiguous();  // [T, out], exactly nn.Linear
 
   if (mode == kDense) {
     if (!hidden.defined()) hidden = at::mm(Xd, lora_a.reshape({E * r, in}).t());  // [T, E*r]
@@ -112,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
       at::Tensor rows = seg.order.narrow(0, start, n);  // slot ids routed to e
       start += n;
       at::Tensor tok = at::floor_divide(rows, top_k);   // their tokens
-      at::Tensor he = at::mm(Xd.index_select(0, tok), lora_a[e].t());  // [n, r]
+      const at::Tensor Xe = per_expert ? expert_rows(X, tok, e, dropout_p, dropout_seed) : Xd.index_select(0, tok);
+      at::Tensor he = at::mm(Xe, lora_a[e].t());  // [n, r]
       hidden.index_copy_(0, rows, he);
       at::Tensor ue = he * ws.index_select(0, rows).unsqueeze(1);      // [n, r]
       y.index_add_(0, tok, at::mm(ue, lora_b[e].t()));                 // [n, out]
@@ -122,17 +154,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
   return {y.view(y_shape), logits, hidden};
 }
 
+// The backward in x's dtype; `weight` may be 16-bit under an fp32 x, as in forward_impl.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_router_logits,
-                       const at::Tensor& x, const at::Tensor& weight, const at::Tensor& router,
-                       const at::Tensor& lora_a, const at::Tensor& lora_b,
-                       const at::Tensor& router_logits, const at::Tensor& lora_hidden,
-                       int64_t top_k, double scaling, double dropout_p, bool training,
-                       int64_t compute, const std::optional<at::Tensor>& dropout_seed,
-                       std::array<bool, 6> output_mask) {
+backward_impl(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_router_logits,
+              const at::Tensor& x, const at::Tensor& weight, const at::Tensor& router,
+              const at::Tensor& lora_a, const at::Tensor& lora_b,
+              const at::Tensor& router_logits, const at::Tensor& lora_hidden,
+              int64_t top_k, double scaling, double dropout_p, bool training,
+              int64_t compute, const std::optional<at::Tensor>& dropout_seed,
+              bool shared_dropout_mask, std::array<bool, 6> output_mask) {
+  const bool weight_16bit = weight.scalar_type() != x.scalar_type();
+  const bool per_expert = per_expert_dropout(dropout_p, training, shared_dropout_mask);
+  // dy W, or out += dy W: from 16-bit storage block by block when the weight is.
+  const auto dy_w = [&](const at::Tensor& dY) {
+    if (!weight_16bit) return at::mm(dY, weight);
+    at::Tensor out = at::zeros({dY.size(0), weight.size(1)}, dY.options());
+    addmm_from_16bit_(out, dY, weight);
+    return out;
+  };
+  const auto add_dy_w = [&](at::Tensor& out, const at::Tensor& dY) -> at::Tensor& {
+    if (weight_16bit) addmm_from_16bit_(out, dY, weight);
+    else out.addmm_(dY, weight);
+    return out;
+  };
   const int64_t in = x.size(-1), out = weight.size(0), E = router.size(0), r = lora_a.size(1);
   const int64_t mode = static_cast<int64_t>(
-      ops::resolve_compute(static_cast<ops::Compute>(compute), E, r));
+      ops::resolve_compute(static_cast<ops::Compute>(compute), E, r, per_expert));
   const auto dtype = x.scalar_type();
   const auto rdtype = routing_dtype(dtype);
   at::Tensor X = x.reshape({-1, in});             // [T, in]
@@ -147,9 +194,9 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
   const bool dx_on_experts = need_x && mode == kDense && dropout && X.device().is_cpu();
 
   at::Tensor grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b;
-  if (output_mask[1]) grad_weight = at::mm(dY.t(), X);
+  if (output_mask[1]) grad_weight = at::mm(dY.t(), X).to(weight.scalar_type());
   if (output_mask[2]) grad_bias = dY.sum(0);
-  if (need_x && !dx_on_experts) grad_x = at::mm(dY, weight);  // base: dy W
+  if (need_x && !dx_on_experts) grad_x = dy_w(dY);  // base: dy W
   if (!(need_x || need_router || need_a || need_b)) {
     return {grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b};
   }
@@ -157,7 +204,7 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
   auto [w, idx, gate] = ops::moe_lora_route(router_logits, top_k);
   at::Tensor Xd;  // x~ [T, in], regenerated from the seed when a product needs it
   bool dXd_masked = false;  // whether dXd already went through the dropout mask
-  if (need_a && mode != kDense) Xd = dropout_input(X, dropout_p, training, dropout_seed);
+  if (need_a && mode != kDense && !per_expert) Xd = dropout_input(X, dropout_p, training, dropout_seed);
 
   at::Tensor dw;    // d loss / d w at the routed slots [T, k], routing dtype
   at::Tensor dXd;   // d loss / d x~ from the experts [T, in]
@@ -192,7 +239,7 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
       if (dx_on_experts) {
         if (!dXd_masked) dropout_apply_cpu_(dXd, static_cast<uint64_t>(read_dropout_seed(dropout_seed)),
                                             dropout_p);
-        grad_x = dXd.addmm_(dY, weight);  // m (.) (dH A_cat) + dy W
+        grad_x = add_dy_w(dXd, dY);  // m (.) (dH A_cat) + dy W
         dXd = at::Tensor();
       }
     }
@@ -218,13 +265,25 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
       dw_flat.index_copy_(0, rows, (dUe * he).sum(-1, false, rdtype) * scaling);
       if (need_b) grad_b[e].copy_(at::mm(dYe.t(), he * we));  // [out, r]
       at::Tensor dHe = dUe * we;                              // [n, r]
+      if (per_expert) {
+        // Expert e's own mask: x~_e for dA_e, and its dx~ term masked before the sum.
+        at::Tensor dXe = need_x ? at::mm(dHe, lora_a[e]) : at::Tensor();  // [n, in]
+        if (need_a) {
+          const at::Tensor Xe = expert_rows(X, tok, e, dropout_p, dropout_seed, need_x ? &dXe : nullptr);
+          grad_a[e].copy_(at::mm(dHe.t(), Xe));  // [r, in]
+        } else if (need_x) {
+          expert_rows(X, tok, e, dropout_p, dropout_seed, &dXe);
+        }
+        if (need_x) dXd.index_add_(0, tok, dXe);
+        continue;
+      }
       if (need_a) grad_a[e].copy_(at::mm(dHe.t(), Xd.index_select(0, tok)));  // [r, in]
       if (need_x) dXd.index_add_(0, tok, at::mm(dHe, lora_a[e]));             // [n, in]
     }
     dw = dw_flat.view({T, top_k});
   }
-  if (need_x && dXd.defined()) {  // through dropout: the same mask, regenerated
-    grad_x.add_(dropout && !dXd_masked ? apply_dropout(dXd, dropout_p, dropout_seed) : dXd);
+  if (need_x && dXd.defined()) {  // through dropout: the same mask, regenerated (per expert: done above)
+    grad_x.add_(dropout && !dXd_masked && !per_expert ? apply_dropout(dXd, dropout_p, dropout_seed) : dXd);
   }
   const bool fold = mode == kDense && !dropout;  // dense, no dropout: [dH | dz] in one GEMM each
 
@@ -261,6 +320,55 @@ moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>
   }
   if (need_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b};
+}
+
+namespace {
+
+at::Tensor fp32(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+std::optional<at::Tensor> fp32(const std::optional<at::Tensor>& t) {
+  return t && t->defined() ? std::optional<at::Tensor>(t->to(at::kFloat)) : t;
+}
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.defined() ? t.to(dtype) : t; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_aten(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
+    double scaling, double dropout_p, bool training, int64_t compute,
+    const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
+  check_moe_lora_args(x, weight, bias, router, lora_a, lora_b, top_k, dropout_p, training, compute,
+                      dropout_seed);
+  if (!compute_in_fp32_on_cpu(x))
+    return forward_impl(x, weight, bias, router, lora_a, lora_b, top_k, scaling, dropout_p, training, compute,
+                        dropout_seed, shared_dropout_mask);
+  // A CPU without native 16-bit matmul: fp32 compute from 16-bit storage. The
+  // outputs come back in x's dtype, as the 16-bit path gives them.
+  const auto dtype = x.scalar_type();
+  auto [y, logits, hidden] = forward_impl(fp32(x), weight, fp32(bias), fp32(router), fp32(lora_a), fp32(lora_b),
+                                          top_k, scaling, dropout_p, training, compute, dropout_seed,
+                                          shared_dropout_mask);
+  return {y.to(dtype), logits.to(dtype), hidden.to(dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+moe_lora_backward_aten(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_router_logits,
+                       const at::Tensor& x, const at::Tensor& weight, const at::Tensor& router,
+                       const at::Tensor& lora_a, const at::Tensor& lora_b,
+                       const at::Tensor& router_logits, const at::Tensor& lora_hidden,
+                       int64_t top_k, double scaling, double dropout_p, bool training,
+                       int64_t compute, const std::optional<at::Tensor>& dropout_seed,
+                       bool shared_dropout_mask, std::array<bool, 6> output_mask) {
+  if (!compute_in_fp32_on_cpu(x))
+    return backward_impl(grad_y, grad_router_logits, x, weight, router, lora_a, lora_b, router_logits,
+                         lora_hidden, top_k, scaling, dropout_p, training, compute, dropout_seed,
+                         shared_dropout_mask, output_mask);
+  auto [gx, gw, gb, gr, ga, gb2] =
+      backward_impl(fp32(grad_y), fp32(grad_router_logits), fp32(x), weight, fp32(router), fp32(lora_a),
+                    fp32(lora_b), fp32(router_logits), fp32(lora_hidden), top_k, scaling, dropout_p, training,
+                    compute, dropout_seed, shared_dropout_mask, output_mask);
+  return {as_type(gx, x.scalar_type()), gw, gb, as_type(gr, router.scalar_type()),
+          as_type(ga, lora_a.scalar_type()), as_type(gb2, lora_b.scalar_type())};
 }
 
 }  // namespace mola::detail

@@ -5,6 +5,8 @@
 
 #include "ops/cpu/dropout.h"
 
+#include <philox.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -136,12 +138,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_cpu(const at::Tens
 
 // The mask contract of kernels/philox.h: element i of the flattened [rows, cols]
 // input keeps iff its Philox uniform is >= p; kept elements scale by 1/(1-p).
-at::Tensor dropout_mask_cpu(const at::Tensor& seed_tensor, int64_t rows, int64_t cols, double p) {
+at::Tensor dropout_mask_cpu(const at::Tensor& seed_tensor, int64_t rows, int64_t cols, double p, int64_t expert) {
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "_dropout_mask: rows (", rows, ") and cols (", cols,
                     ") must be >= 0");
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "_dropout_mask: p (", p, ") must be in [0, 1)");
-  return dropout_mask_values_cpu(static_cast<uint64_t>(read_dropout_seed(seed_tensor)), rows, cols,
-                                 p);
+  TORCH_CHECK_VALUE(expert >= -1 && expert < (int64_t{1} << 32) - 1, "_dropout_mask: expert (", expert,
+                    ") must be -1 (the shared mask) or an expert index >= 0");
+  const uint32_t stream = expert < 0 ? 0u : philox::expert_stream(expert);
+  return dropout_mask_values_cpu(static_cast<uint64_t>(read_dropout_seed(seed_tensor)), rows, cols, p, stream);
 }
 
 }  // namespace

@@ -69,11 +69,12 @@ bool kernels_cover(const at::Tensor& x, int64_t out_features, int64_t num_expert
 // pointer (read on the device: graph replays see its current value), a CPU
 // one by value.
 k::GroupedDropout make_dropout(double p, bool training,
-                               const std::optional<at::Tensor>& dropout_seed) {
+                               const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
   k::GroupedDropout d;
   d.enabled = dropout_active(p, training);
   if (!d.enabled) return d;
   d.p = static_cast<float>(p);
+  d.per_expert = !shared_dropout_mask;
   if (dropout_seed->is_cuda()) {
     d.seed_ptr = dropout_seed->const_data_ptr<int64_t>();
   } else {
@@ -257,9 +258,9 @@ struct Operands {
 };
 
 Operands prepare(const at::Tensor& x, const at::Tensor& router, const at::Tensor& lora_a,
-                 const at::Tensor& lora_b, int64_t compute) {
+                 const at::Tensor& lora_b, int64_t compute, bool per_expert) {
   const int64_t mode = static_cast<int64_t>(ops::resolve_compute(
-      static_cast<ops::Compute>(compute), router.size(0), lora_a.size(1)));
+      static_cast<ops::Compute>(compute), router.size(0), lora_a.size(1), per_expert));
   at::Tensor X = x.reshape({-1, x.size(-1)});
   if (X.stride(1) != 1) X = X.contiguous();
   return {mode, router.contiguous(), lora_a.contiguous(), lora_b.contiguous(), X};
@@ -269,24 +270,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& router_in, const at::Tensor& lora_a_in, const at::Tensor& lora_b_in,
     int64_t top_k, double scaling, double dropout_p, bool training, int64_t compute,
-    const std::optional<at::Tensor>& dropout_seed) {
+    const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
   check_moe_lora_args(x, weight, bias, router_in, lora_a_in, lora_b_in, top_k, dropout_p,
                       training, compute, dropout_seed);
   const int64_t in = x.size(-1), out = weight.size(0), E = router_in.size(0);
   const int64_t r = lora_a_in.size(1);
   if (!kernels_cover(x, out, E, r, top_k)) {
     return moe_lora_forward_aten(x, weight, bias, router_in, lora_a_in, lora_b_in, top_k, scaling,
-                                 dropout_p, training, compute, dropout_seed);
+                                 dropout_p, training, compute, dropout_seed, shared_dropout_mask);
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const Operands ops_in = prepare(x, router_in, lora_a_in, lora_b_in, compute);
+  const Operands ops_in = prepare(x, router_in, lora_a_in, lora_b_in, compute,
+                                  per_expert_dropout(dropout_p, training, shared_dropout_mask));
   const int64_t mode = ops_in.mode;
   const at::Tensor &router = ops_in.router, &lora_a = ops_in.lora_a, &lora_b = ops_in.lora_b;
   const at::Tensor& X = ops_in.X;
   const int64_t T = X.size(0);
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out;
-  const k::GroupedDropout drop = make_dropout(dropout_p, training, dropout_seed);
+  const k::GroupedDropout drop = make_dropout(dropout_p, training, dropout_seed, shared_dropout_mask);
 
   at::Tensor logits, hidden;
   if (mode == kDense && !drop.enabled) {
@@ -351,16 +353,17 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
                        const at::Tensor& router_logits, const at::Tensor& lora_hidden,
                        int64_t top_k, double scaling, double dropout_p, bool training,
                        int64_t compute, const std::optional<at::Tensor>& dropout_seed,
-                       std::array<bool, 6> output_mask) {
+                       bool shared_dropout_mask, std::array<bool, 6> output_mask) {
   const int64_t in = x.size(-1), out = weight.size(0), E = router_in.size(0);
   const int64_t r = lora_a_in.size(1);
   if (!kernels_cover(x, out, E, r, top_k)) {
     return moe_lora_backward_aten(grad_y, grad_router_logits, x, weight, router_in, lora_a_in,
                                   lora_b_in, router_logits, lora_hidden, top_k, scaling, dropout_p,
-                                  training, compute, dropout_seed, output_mask);
+                                  training, compute, dropout_seed, shared_dropout_mask, output_mask);
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const Operands ops_in = prepare(x, router_in, lora_a_in, lora_b_in, compute);
+  const Operands ops_in = prepare(x, router_in, lora_a_in, lora_b_in, compute,
+                                  per_expert_dropout(dropout_p, training, shared_dropout_mask));
   const int64_t mode = ops_in.mode;
   const at::Tensor &router = ops_in.router, &lora_a = ops_in.lora_a, &lora_b = ops_in.lora_b;
   const at::Tensor& X = ops_in.X;
@@ -370,7 +373,7 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
   const int64_t T = X.size(0);
   const bool need_x = output_mask[0], need_router = output_mask[3];
   const bool need_a = output_mask[4], need_b = output_mask[5];
-  const k::GroupedDropout drop = make_dropout(dropout_p, training, dropout_seed);
+  const k::GroupedDropout drop = make_dropout(dropout_p, training, dropout_seed, shared_dropout_mask);
 
   at::Tensor grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b;
   if (output_mask[1]) grad_weight = at::mm(dY.t(), X);
