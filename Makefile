@@ -84,7 +84,7 @@ test-cpp: build
 test-python: build
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider python
 
-# Reliability (design.md 10): each fuzz target over its committed corpus, then
+# Reliability (docs/design.md, Reliability): each fuzz target over its committed corpus, then
 # fuzzed FUZZ_SECONDS, two at a time; the torch-free C++ tests under ASan+UBSan.
 test-fuzz: install-fuzz-debs
 	$(MAKE) -C tests/fuzz -j $(JOBS) all

@@ -1,6 +1,6 @@
 """Dense-masked vs grouped moe_lora over a grid of (E, r): where does grouped start to win?
 
-design.md section 4 gives the op two exact strategies, dense-masked
+docs/design.md, Strategies and kernels gives the op two exact strategies, dense-masked
 (compute=1: every expert on every token, k/E of it masked away) and grouped
 (compute=2: tokens sorted by expert, one small GEMM per expert segment), and
 an auto rule (compute=0) choosing between them by the cost of the call. This
@@ -13,7 +13,7 @@ gradient to x, so that the LoRA part of each step can be read off), `dense`
 and `grouped` (torch.ops.mola.moe_lora forward + backward, gradients to x,
 router, lora_a and lora_b). A point reports the medians, p10 / p90, the ratio
 grouped/dense and the max |y_dense - y_grouped| of one forward (the two must
-agree to rounding, design section 4).
+agree to rounding, docs/design.md, Strategies and kernels).
 
 The fitted rule is "dense when f <= threshold, else grouped" for one feature f
 of the point; two features are tried, E*r (the dense strategy's extra columns)

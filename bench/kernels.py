@@ -2,7 +2,7 @@
 
 Issue 5 asks for every kernel's achieved memory bandwidth against the GPU's
 peak (3.35 TB/s for an H100 SXM). Each kernel here is memory-bound by design
-(design.md section 4), so bytes it must move / its time says how far it is
+(docs/design.md, Strategies and kernels), so bytes it must move / its time says how far it is
 from its floor. "Must move" is the minimal traffic of the kernel's job from
 the shapes alone (every operand read once, every result written once; see
 KERNEL_BYTES), not what the kernel actually moves, so a kernel that reads a

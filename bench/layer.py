@@ -14,7 +14,7 @@ clock and thermal drift hit every row alike):
                 routed expert, as the authors' loop does; with --dropout 0 they are equal)
 Each row reports the median and p10/p90 over --iters timed runs after
 --warmup untimed rounds, and on CUDA the peak memory of one step. The
-targets these numbers are judged by are in shared/design.md section 9.
+targets these numbers are judged by are in bench/README.md.
 
 Usage: python bench/layer.py [--device cpu|cuda] [--dtype float32] [--T 2048]
        [--in-features 1024] [--out-features 1024] [--E 8] [--k 2] [--r 8] ...

@@ -38,7 +38,7 @@ every round, and a row's figures pool its timed steps over the rounds.
 mola.CausalLM is built only by from_pretrained(directory), so for mola_cpp a
 child first writes the same seeded GPU-built model once as safetensors into a
 temporary directory (or --checkpoint-dir, reused while its stamp matches).
-The design's targets (shared/design.md section 9) are for an H100 and
+The design's targets (bench/README.md) are for an H100 and
 LLaMA-2-7B shapes: --device cuda --preset llama2-7b.
 
 Usage: python bench/model.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
@@ -79,7 +79,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LAYER_LINEAR = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.([A-Za-z0-9_]+)$")
 # Stamp file of a --checkpoint-dir: what the weights there were made from.
 STAMP = "bench-model-checkpoint.json"
-# The design's targets (shared/design.md section 9), checked on CUDA runs.
+# The design's targets (bench/README.md), checked on CUDA runs.
 TARGET_RATIOS = {"mola_cpp/hf_peft_lora16 tokens_per_s": (">=", 1.2),
                  "mola_cpp/hf_peft_lora16 peak_bytes": ("<=", 0.9)}
 

@@ -8,6 +8,7 @@ Face hub has them. Then each row runs in a fresh process, so each one's peak
 RSS is its own:
 
   mola          mola.CausalLM.from_pretrained(dir, dtype)
+  mola-nf4      the same with quantize="nf4" (and mola-int8: "int8"; only when --rows names them)
   transformers  transformers.AutoModelForCausalLM.from_pretrained(dir, dtype)
   inject        transformers + mola.inject (only with --train)
   peft          transformers + PEFT LoRA r=16 on the seven projections (--train, when peft imports)
@@ -29,6 +30,7 @@ The JSON goes to stdout and to bench/results/scale-<shape>[-L<layers>]-<dtype>.j
 The checkpoint lives under out/bench-checkpoints/ (git-ignored); --remove-checkpoint deletes it after.
 """
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -38,10 +40,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from common import device_name, git_rev, write_json  # noqa: E402
+# bench/ holds a kernels.py, which would shadow the `kernels` package transformers
+# looks for: take bench/ off the path and load common.py by its file name.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+_spec = importlib.util.spec_from_file_location("mola_bench_common", REPO / "bench" / "common.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+device_name, git_rev, write_json = _common.device_name, _common.git_rev, _common.write_json
 
-ROWS = ("mola", "transformers", "inject", "peft")
+ROWS = ("mola", "transformers", "inject", "peft", "mola-nf4", "mola-int8")
+QUANTIZED = {"mola-nf4": "nf4", "mola-int8": "int8"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARD_BYTES = 4 << 30  # about 4 GiB per shard, as a 7B checkpoint on the hub is split
 
@@ -100,7 +108,8 @@ def model_config(args):
 
 
 def tag(args):
-    name = Path(args.shape).stem
+    # "mistral-7b-v0.1" is a name, not a file with the suffix ".1"
+    name = Path(args.shape).stem if args.shape.endswith(".json") else Path(args.shape).name
     parts = [name]
     for flag, value in (("L", args.layers), ("h", args.hidden), ("i", args.intermediate), ("v", args.vocab)):
         if value is not None:
@@ -213,10 +222,11 @@ def run_row(args, directory: Path):
     import mola  # noqa: F401  (imported by every row alike, so the baseline is the same)
     import transformers
     row = args.child
+    is_mola = row == "mola" or row in QUANTIZED
     out = {"row": row, "rss_before_load_mb": rss_mb()}
     t0 = time.perf_counter()
-    if row == "mola":
-        model = mola.CausalLM.from_pretrained(str(directory), dtype=dtype)
+    if is_mola:
+        model = mola.CausalLM.from_pretrained(str(directory), dtype=dtype, quantize=QUANTIZED.get(row))
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     out["load_s"] = time.perf_counter() - t0
@@ -228,14 +238,14 @@ def run_row(args, directory: Path):
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     with torch.no_grad():
-        model(ids) if row == "mola" else model(input_ids=ids)
+        model(ids) if is_mola else model(input_ids=ids)
     out["first_forward_s"] = time.perf_counter() - t0
     out["peak_rss_after_forward_mb"] = rss_mb()
     if not args.train:
         return out
 
     cfg = mola.MoLAConfig(experts="2468", top_k=2, rank=8, alpha=16, dropout=0.05, targets=tuple(TARGETS))
-    if row == "mola":
+    if is_mola:
         model.attach(cfg)
         model.gradient_checkpointing = True
         params = [p for p in model.parameters() if p.requires_grad]
@@ -259,7 +269,7 @@ def run_row(args, directory: Path):
     steps = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        if row == "mola":
+        if is_mola:
             o = model(ids, labels=ids)
             loss = o.loss + model.aux_loss()
         else:
@@ -290,7 +300,8 @@ def main(argv=None):
     fresh = not (directory / ".complete").exists()
     write_checkpoint(args, cfg, directory)
     written_s = time.perf_counter() - t0 if fresh else None
-    rows = args.rows.split(",") if args.rows else [r for r in ROWS if args.train or r in ("mola", "transformers")]
+    rows = args.rows.split(",") if args.rows else [r for r in ROWS if r in ("mola", "transformers") or
+                                                   (args.train and r in ("inject", "peft"))]
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise SystemExit(f"bench/scale.py: --rows: unknown {sorted(unknown)}; valid: {', '.join(ROWS)}")

@@ -1,10 +1,10 @@
 # Finds LibTorch from the torch that the project's Python has installed, so the
-# C++ library, the Python extension and the tests all use one torch (design:
-# "LibTorch is that torch's own"; there is no separate LibTorch download).
+# C++ library, the Python extension and the tests all use one torch (LibTorch is
+# that torch's own; there is no separate LibTorch download).
 #
 # find_package(Torch) with a CUDA build of torch overwrites CMAKE_CUDA_ARCHITECTURES
 # and appends -gencode flags for a dozen architectures to CMAKE_CUDA_FLAGS; we
-# save and restore both around it (style.md), so kernels/ compiles for ours only.
+# save and restore both around it (docs/contributing.md, A new op), so kernels/ compiles for ours only.
 
 find_package(Python 3.9 REQUIRED COMPONENTS Interpreter Development.Module)
 

@@ -1,11 +1,11 @@
 // kernels/common.cuh: helpers shared by the mola CUDA kernels (nvcc only).
 //
 // What lives here: dtype conversions to and from fp32 (all mola kernels load
-// the model dtype and do their arithmetic in fp32, design.md section 4,
+// the model dtype and do their arithmetic in fp32, docs/design.md, Strategies and kernels,
 // "Precision"), warp-level reductions, and small launch arithmetic. The Philox
 // generator and the dropout-mask contract live in philox.h, which is plain C++
 // so the CPU op compiles the very same code with g++; it is included here so
-// every kernel sees it. No torch header may appear here (style.md: the
+// every kernel sees it. No torch header may appear here (docs/contributing.md, A new op: the
 // mola_kernels target never includes torch).
 #pragma once
 
@@ -24,13 +24,25 @@ namespace kernels {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullWarpMask = 0xffffffffu;
 
+// Elementwise kernels (gate scale, dropout): 256 threads a block, grid-stride
+// loops over at most kElementwiseMaxBlocks blocks, so the grid depends only on
+// the size (fixed, shape-only grids can be captured in a CUDA graph).
+constexpr int kElementwiseThreads = 256;
+constexpr int64_t kElementwiseMaxBlocks = 4096;
+
 // Blocks needed to cover n items with `per_block` items per block.
 constexpr int64_t ceil_div(int64_t n, int64_t per_block) {
   return (n + per_block - 1) / per_block;
 }
 
+inline unsigned elementwise_grid(int64_t items) {
+  const int64_t blocks = ceil_div(items, kElementwiseThreads);
+  return static_cast<unsigned>(blocks < kElementwiseMaxBlocks ? (blocks > 0 ? blocks : 1)
+                                                              : kElementwiseMaxBlocks);
+}
+
 // The arithmetic type of a storage dtype: fp32 for float, half and bfloat16
-// (design.md 4, "Precision"), fp64 for double (so float64 gradchecks run the
+// (docs/design.md, Strategies and kernels, "Precision"), fp64 for double (so float64 gradchecks run the
 // kernels themselves at full precision).
 template <typename T>
 struct AccType {

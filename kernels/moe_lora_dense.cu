@@ -1,6 +1,6 @@
-// kernels/moe_lora_dense.cu: the fused shrink, the gate-scale step, the gate
-// backward (shared by both strategies) and the dropout passes of moe_lora
-// (design.md section 4, kernels 2 and 3; contracts in moe_lora_dense.h).
+// kernels/moe_lora_dense.cu: the fused shrink of moe_lora's dense strategy
+// (docs/design.md, Strategies and kernels, kernels 2 and 3; contract in
+// moe_lora_dense.h). The gate steps are in gate.cu, the dropout pass in dropout.cu.
 //
 // Why these and not more: the wide products (x W^T, u B_cat^T, dy B_cat,
 // dh A_cat, the weight gradients) are cuBLAS GEMMs called by the host glue with
@@ -13,7 +13,7 @@
 // fused_shrink_kernel: C[t, n] over a virtual weight of [A_cat ; pad ; Wr]
 // rows. The A rows are padded to a multiple of 16 so that every 16-column
 // fragment reads either the masked x~ tile or the raw x tile, never both: the
-// router sees x (no dropout on the router input, design.md 2.1), the experts
+// router sees x (no dropout on the router input, docs/design.md, The MoLA layer), the experts
 // x~. Tiles: 64 tokens x 128 columns per block, K in steps of kBlockK. Half and
 // bfloat16 use tensor cores through WMMA (16x16x16, fp32 accumulators); float
 // and double run a register-tiled FMA loop so fp32 results match the CPU op to
@@ -282,176 +282,6 @@ __global__ void __launch_bounds__(kShrinkThreads, kShrinkMinBlocks<T>) fused_shr
   }
 }
 
-// ---- gate scale ----------------------------------------------------------------------
-
-constexpr int kElementwiseThreads = 256;
-constexpr int64_t kElementwiseMaxBlocks = 4096;  // grid-stride beyond: fixed, shape-only grid
-
-unsigned elementwise_grid(int64_t items) {
-  const int64_t blocks = ceil_div(items, kElementwiseThreads);
-  return static_cast<unsigned>(blocks < kElementwiseMaxBlocks ? (blocks > 0 ? blocks : 1)
-                                                              : kElementwiseMaxBlocks);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kElementwiseThreads) gate_scale_kernel(const GateScaleParams p) {
-  using Acc = acc_t<T>;
-  const int64_t width = static_cast<int64_t>(p.num_experts) * p.rank;  // E*r
-  const int64_t n = p.num_tokens * width;
-  const T* h = static_cast<const T*>(p.hidden);
-  const Acc* gate = static_cast<const Acc*>(p.gate);
-  T* out = static_cast<T*>(p.out);
-  const Acc s = static_cast<Acc>(p.scaling);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / width;
-    const int64_t e = (i % width) / p.rank;
-    // ATen: g = (gate * s).to(dtype); u = h * g, each product rounded once.
-    const Acc g = round_to<T>(gate[t * p.gate_row_stride + e] * s);
-    out[i] = from_acc<T>(to_acc(h[i]) * g);
-  }
-}
-
-// ---- gate backward -------------------------------------------------------------------
-
-constexpr int kGateWarps = 4;
-constexpr int kGateThreads = kGateWarps * kWarpSize;
-constexpr int kGateMaxExperts = 256;  // the routing kernel's limit
-constexpr int64_t kGateMaxBlocks = 2048;
-
-template <typename T>
-__global__ void __launch_bounds__(kGateThreads)
-    gate_backward_kernel(const GateBackwardParams p) {
-  using Acc = acc_t<T>;
-  __shared__ Acc s_prob[kGateWarps][kGateMaxExperts];
-  __shared__ Acc s_dprob[kGateWarps][kGateMaxExperts];
-  __shared__ Acc s_dw[kGateWarps][kGateMaxExperts];
-
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int E = p.num_experts, k = p.top_k, r = p.rank;
-  const Acc s = static_cast<Acc>(p.scaling);
-  const T* du = static_cast<const T*>(p.grad_u);
-  const T* h = static_cast<const T*>(p.hidden);
-  T* dh = static_cast<T*>(p.grad_hidden);
-  const T* logits = static_cast<const T*>(p.logits);
-  const Acc* gate = static_cast<const Acc*>(p.gate);
-  const Acc* weights = static_cast<const Acc*>(p.weights);
-  const T* grad_logits = static_cast<const T*>(p.grad_logits);
-  T* dz = static_cast<T*>(p.grad_router_logits);
-  Acc* prob = s_prob[warp];
-  Acc* dprob = s_dprob[warp];
-  Acc* dw = s_dw[warp];
-
-  // Every lane of a warp walks the same tokens: full-mask shuffles are valid.
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp; t < p.num_tokens;
-       t += static_cast<int64_t>(gridDim.x) * kGateWarps) {
-    const int64_t* idx = p.indices + t * k;
-    const Acc* w = weights + t * k;
-
-    // dw_j = s * sum_r du * h over slot j's rank block; the grouped layout
-    // also writes dh = du * round(s * w_j) here.
-    for (int j = 0; j < k; ++j) {
-      const int64_t e = idx[j];
-      const int64_t base = p.dense ? (t * E + e) * r : (t * k + j) * r;
-      const Acc ws = round_to<T>(w[j] * s);
-      Acc partial = 0;
-      for (int rr = lane; rr < r; rr += kWarpSize) {
-        const Acc d = to_acc(du[base + rr]);
-        partial += d * to_acc(h[base + rr]);
-        if (!p.dense) dh[base + rr] = from_acc<T>(d * ws);
-      }
-      const Acc sum = warp_sum(partial);
-      if (lane == 0) dw[j] = sum * s;
-    }
-    if (p.dense) {  // dh over every expert block: g is 0 off the top-k
-      const Acc* g = gate + t * p.gate_row_stride;
-      for (int64_t i = lane; i < static_cast<int64_t>(E) * r; i += kWarpSize) {
-        const Acc gs = round_to<T>(g[i / r] * s);
-        dh[t * E * r + i] = from_acc<T>(to_acc(du[t * E * r + i]) * gs);
-      }
-    }
-
-    // P = softmax(z) in acc_t, max-subtracted (as the forward's routing).
-    const T* z = logits + t * p.logits_row_stride;
-    Acc row_max = static_cast<Acc>(-CUDART_INF);
-    for (int e = lane; e < E; e += kWarpSize) row_max = fmax(row_max, to_acc(z[e]));
-    row_max = warp_max(row_max);
-    Acc denom = 0;
-    for (int e = lane; e < E; e += kWarpSize) {
-      const Acc v = exp(to_acc(z[e]) - row_max);
-      prob[e] = v;
-      dprob[e] = 0;
-      denom += v;
-    }
-    denom = warp_sum(denom);
-    for (int e = lane; e < E; e += kWarpSize) prob[e] /= denom;
-    __syncwarp();
-
-    // dP at the routed experts: through w = v / sum(v) (design.md 4), or
-    // directly when k == E (dense routing, w = P). k is small: one lane does it.
-    if (lane == 0) {
-      if (k == E) {
-        for (int j = 0; j < k; ++j) dprob[idx[j]] = dw[j];
-      } else {
-        Acc sum_v = 0, dw_dot_w = 0;
-        for (int j = 0; j < k; ++j) {
-          sum_v += prob[idx[j]];
-          dw_dot_w += dw[j] * w[j];
-        }
-        for (int j = 0; j < k; ++j) dprob[idx[j]] = (dw[j] - dw_dot_w) / sum_v;
-      }
-    }
-    __syncwarp();
-
-    // dz = P (.) (dP - sum_e P_e dP_e) + the gradient arriving on the logits.
-    Acc dot = 0;
-    for (int e = lane; e < E; e += kWarpSize) dot += prob[e] * dprob[e];
-    dot = warp_sum(dot);
-    for (int e = lane; e < E; e += kWarpSize) {
-      Acc v = prob[e] * (dprob[e] - dot);
-      if (grad_logits != nullptr) v += to_acc(grad_logits[t * p.grad_logits_row_stride + e]);
-      dz[t * E + e] = from_acc<T>(v);
-    }
-    __syncwarp();  // prob/dprob/dw are rewritten for the next token
-  }
-}
-
-// ---- dropout -------------------------------------------------------------------------
-
-// Four consecutive elements per thread: exactly one Philox group (element i
-// uses group i / 4), so each generator call feeds four elements.
-template <typename T>
-__global__ void __launch_bounds__(kElementwiseThreads) dropout_kernel(const DropoutParams p) {
-  using Acc = acc_t<T>;
-  const uint64_t seed = load_seed(p.dropout.seed_ptr, p.dropout.seed);
-  const float scale = philox::dropout_scale(p.dropout.p);
-  const T* x = static_cast<const T*>(p.x);
-  T* x_out = static_cast<T*>(p.x_out);
-  const T* grad_in = static_cast<const T*>(p.grad_in);
-  T* grad_x = static_cast<T*>(p.grad_x);
-  const int64_t groups = ceil_div(p.numel, 4);
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const philox::U32x4 bits = philox::dropout_bits4(seed, static_cast<uint64_t>(g));
-#pragma unroll
-    for (unsigned j = 0; j < 4; ++j) {
-      const int64_t i = 4 * g + j;
-      if (i >= p.numel) break;
-      const Acc m = static_cast<Acc>(
-          philox::u32_to_uniform(philox::u32x4_lane(bits, j)) >= p.dropout.p ? scale : 0.0f);
-      if (x_out != nullptr) x_out[i] = from_acc<T>(to_acc(x[i]) * m);
-      if (grad_x != nullptr) {
-        // ATen: grad_x.add_(dropout(dx~)): the masked term rounded, then the sum
-        // (mul_rn: for fp32/fp64 round_to is the identity, and an FMA would
-        // round the two once).
-        const Acc term = round_to<T>(mul_rn(to_acc(grad_in[i]), m));
-        grad_x[i] = from_acc<T>(p.accumulate ? to_acc(grad_x[i]) + term : term);
-      }
-    }
-  }
-}
-
 }  // namespace
 
 template <typename T>
@@ -474,50 +304,8 @@ cudaError_t launch_fused_shrink(const FusedShrinkParams& p, cudaStream_t stream)
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_gate_scale(const GateScaleParams& p, cudaStream_t stream) {
-  if (p.num_tokens < 0 || p.num_experts < 1 || p.rank < 1) return cudaErrorInvalidValue;
-  if (p.num_tokens == 0) return cudaSuccess;
-  if (p.hidden == nullptr || p.gate == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
-  const int64_t n = p.num_tokens * p.num_experts * p.rank;
-  gate_scale_kernel<T><<<elementwise_grid(n), kElementwiseThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_gate_backward(const GateBackwardParams& p, cudaStream_t stream) {
-  if (p.num_tokens < 0 || p.num_experts < 1 || p.num_experts > kGateMaxExperts || p.top_k < 1 ||
-      p.top_k > p.num_experts || p.rank < 1) {
-    return cudaErrorInvalidValue;
-  }
-  if (p.num_tokens == 0) return cudaSuccess;
-  if (p.grad_u == nullptr || p.hidden == nullptr || p.grad_hidden == nullptr ||
-      p.logits == nullptr || p.weights == nullptr || p.indices == nullptr ||
-      p.grad_router_logits == nullptr || (p.dense && p.gate == nullptr)) {
-    return cudaErrorInvalidValue;
-  }
-  const int64_t blocks = ceil_div(p.num_tokens, kGateWarps);
-  const unsigned grid = static_cast<unsigned>(blocks < kGateMaxBlocks ? blocks : kGateMaxBlocks);
-  gate_backward_kernel<T><<<grid, kGateThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_dropout(const DropoutParams& p, cudaStream_t stream) {
-  if (p.numel < 0 || !(p.dropout.p >= 0.0f && p.dropout.p < 1.0f)) return cudaErrorInvalidValue;
-  if ((p.x_out != nullptr && p.x == nullptr) || (p.grad_x != nullptr && p.grad_in == nullptr)) {
-    return cudaErrorInvalidValue;
-  }
-  if (p.numel == 0 || (p.x_out == nullptr && p.grad_x == nullptr)) return cudaSuccess;
-  dropout_kernel<T><<<elementwise_grid(ceil_div(p.numel, 4)), kElementwiseThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
 #define MOLA_DENSE_INSTANTIATE(T)                                                          \
-  template cudaError_t launch_fused_shrink<T>(const FusedShrinkParams&, cudaStream_t);     \
-  template cudaError_t launch_gate_scale<T>(const GateScaleParams&, cudaStream_t);         \
-  template cudaError_t launch_gate_backward<T>(const GateBackwardParams&, cudaStream_t);   \
-  template cudaError_t launch_dropout<T>(const DropoutParams&, cudaStream_t);
+  template cudaError_t launch_fused_shrink<T>(const FusedShrinkParams&, cudaStream_t);
 MOLA_DENSE_INSTANTIATE(double)
 MOLA_DENSE_INSTANTIATE(float)
 MOLA_DENSE_INSTANTIATE(__half)

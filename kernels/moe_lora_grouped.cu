@@ -1,9 +1,9 @@
 // kernels/moe_lora_grouped.cu: the grouped (sparse) strategy of moe_lora
-// (design.md section 4, kernel 4): a device-side stable sort of the routed
+// (docs/design.md, Strategies and kernels, kernel 4): a device-side stable sort of the routed
 // slots by expert, then SGMV-style shrink, expand and weight-gradient kernels
 // that do only each slot's own expert's work. Contract: moe_lora_grouped.h.
 //
-// Why these shapes (the path is memory-bound, design.md 4):
+// Why these shapes (the path is memory-bound, docs/design.md, Strategies and kernels):
 // - sort: in moe_lora_grouped_sort.cu (device-side, stable, fixed grids).
 // - shrink: one block per 64-row tile of one expert's segment (the tile table
 //   comes from the sort); the gathered input rows are read once per tile and
@@ -540,7 +540,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<T>())
 
 // ------------------------------------------------------------- helpers ----
 
-bool dropout_ok(const GroupedDropout& d) {
+bool dropout_ok(const DropoutMask& d) {
   return !d.enabled || (d.p >= 0.0f && d.p <= 1.0f);  // also rejects NaN
 }
 

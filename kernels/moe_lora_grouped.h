@@ -1,5 +1,5 @@
 // kernels/moe_lora_grouped.h: parameters and launchers of the grouped (sparse)
-// strategy of moe_lora (design.md section 4, kernel 4): each routed
+// strategy of moe_lora (docs/design.md, Strategies and kernels, kernel 4): each routed
 // (token, slot) pair does only its own expert's work, k/E of the dense FLOPs.
 //
 // A "slot" is the flat id s = t * top_k + j of the j-th expert chosen for token
@@ -40,6 +40,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include "dropout.h"  // DropoutMask
+
 namespace mola {
 namespace kernels {
 
@@ -71,19 +73,6 @@ int64_t grouped_max_tiles(int64_t num_slots, int num_experts);
 
 cudaError_t launch_grouped_sort(const GroupedSortParams& params, cudaStream_t stream);
 
-// Dropout on a matrix that a kernel reads or writes: mask index row * cols + col
-// of the logical [rows, cols] matrix (philox.h), seed from seed_ptr when non-null.
-// per_expert: the mask of a slot routed to expert e is philox stream
-// expert_stream(e) (each routed expert of a token draws its own mask), else
-// stream 0, the one mask every expert shares.
-struct GroupedDropout {
-  bool enabled = false;
-  float p = 0.0f;
-  uint64_t seed = 0;
-  const int64_t* seed_ptr = nullptr;  // device pointer to the seed, or nullptr
-  bool per_expert = false;
-};
-
 // out[s, rr] = sum_kk in~[t, kk] * W[e, rr, kk], s a slot of expert e, t = s / top_k.
 // W element (e, rr, kk) at weight + e*w_stride_e + rr*w_stride_r + kk*w_stride_k.
 // in~ = in (.) mask when dropout is enabled (mask over [num_tokens, in_features]);
@@ -104,7 +93,7 @@ struct GroupedShrinkParams {
   int num_experts = 0;
   int rank = 0;
   int64_t in_features = 0;
-  GroupedDropout dropout;
+  DropoutMask dropout;
 };
 
 // out[t, c] = round(out[t, c] + M(t, c) * sum_j sum_rr u[t*k+j, rr] * W[e_j, c, rr])
@@ -130,7 +119,7 @@ struct GroupedExpandParams {
   int num_experts = 0;
   int rank = 0;
   int64_t out_features = 0;
-  GroupedDropout dropout;  // mask over [num_tokens, out_features], applied to the sum
+  DropoutMask dropout;  // mask over [num_tokens, out_features], applied to the sum
 };
 
 // G[e, c, rr] = sum over the slots s of expert e, in sorted order, of
@@ -155,7 +144,7 @@ struct GroupedWeightGradParams {
   int num_experts = 0;
   int rank = 0;
   int64_t in_features = 0;
-  GroupedDropout dropout;  // mask over [num_tokens, in_features]
+  DropoutMask dropout;  // mask over [num_tokens, in_features]
 };
 
 // T is double, float, __half or __nv_bfloat16. None synchronises; grids depend

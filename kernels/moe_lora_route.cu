@@ -1,7 +1,7 @@
-// kernels/moe_lora_route.cu: the MoLA routing kernel (design.md section 4,
+// kernels/moe_lora_route.cu: the MoLA routing kernel (docs/design.md, Strategies and kernels,
 // kernel 1): one pass per token over its E router logits giving the fp32
 // softmax, the top-k experts, their renormalised weights, the dense gate row,
-// and optionally the load-balancing statistics of section 2.2.
+// and optionally the load-balancing statistics (docs/design.md, The balance loss).
 //
 // Layout of the work: one warp per token; lane l holds the probabilities of
 // experts l, l+32, l+64, ... in registers (kPerLane of them, a template
@@ -12,7 +12,7 @@
 // cases into fewer lanes.
 //
 // Numerics (each as the MoLA authors' PyTorch code and the CPU op):
-// - softmax in fp32 with the row maximum subtracted (design.md 2.1, "P =
+// - softmax in fp32 with the row maximum subtracted (docs/design.md, The MoLA layer, "P =
 //   softmax(z) in fp32"; the usual overflow-safe form, as torch.softmax);
 // - top-k selection repeated k times as a warp argmax under the total order
 //   (higher probability first, then LOWER expert index), so the slots come out
@@ -23,7 +23,7 @@
 //   probability ranks above everything; such a row is NaN throughout anyway;
 // - w = v / sum(v), with the sum taken in slot order (descending), as
 //   `v / v.sum(-1, keepdim=True)` in the authors' code;
-// - k == E is dense routing (design.md 2.3): w = P in expert order, indices
+// - k == E is dense routing (docs/design.md, The MoLA layer): w = P in expert order, indices
 //   0..E-1, no renormalisation.
 #include "moe_lora_route.h"
 

@@ -1,12 +1,12 @@
 // kernels/moe_lora_route.h: parameters and launcher of the MoLA routing kernel
-// (design.md section 2.1, kernel 1 of section 4).
+// (docs/design.md, The MoLA layer, kernel 1 of section 4).
 //
 // Per token: P = softmax(z) in fp32, top-k of P, weights renormalised to sum 1,
 // the dense gate row g (w at the chosen experts, 0 elsewhere), and optionally
 // the per-expert statistics the load-balancing loss needs (section 2.2).
 //
 // Why a plain struct: the kernels target (mola_kernels) never sees a torch
-// header (style.md, after flash-attention's Flash_fwd_params); the host glue in
+// header (docs/contributing.md, A new op; after flash-attention's Flash_fwd_params); the host glue in
 // src/ops/cuda/moe_lora_route.cpp fills this struct from tensors. This header
 // is plain C++ and compiles under g++ given the CUDA include directory.
 #pragma once

@@ -3,7 +3,7 @@
 //
 // Why a separate plain-C++ header: the dropout mask is a contract between the
 // CPU op (compiled by g++, no nvcc) and the CUDA kernels (which regenerate the
-// mask in backward instead of storing it, design.md section 4). Both include
+// mask in backward instead of storing it, docs/design.md, Strategies and kernels). Both include
 // this one file, so the bits cannot drift apart. Nothing here uses a CUDA-only
 // type; MOLA_HD expands to `__host__ __device__` only under nvcc.
 //
@@ -11,7 +11,7 @@
 // numbers: as easy as 1, 2, 3" (SC 2011), in the round/key-schedule order of
 // their Random123 library: round(counter, key) ten times, with the key bumped
 // by the Weyl constants between rounds (nine bumps, none after the last
-// round). tests/cpp/test_philox.cpp checks Random123's published known-answer
+// round). tests/cpp/ops/test_philox.cpp checks Random123's published known-answer
 // vectors.
 //
 // Dropout mask (the contract; the same on CPU and GPU): for a row-major

@@ -1,9 +1,11 @@
-// AdapterConfig: JSON parsing, validation, preset expansion (design.md 2.3)
-// and the papers' parameter count. Deliberately free of torch (see config.h):
+// AdapterConfig and ResolvedAdapter: JSON parsing, validation, resolution per
+// layer and the papers' parameter count (docs/design.md, The MoLA layer; the
+// presets and per-layer counts are src/presets.cpp). Deliberately free of torch (see config.h):
 // every check here is about numbers a user typed, so each error names the
 // value, the rule it broke and how to fix it.
 #include "mola/config.h"
 
+#include "detail/config_reader.h"
 #include "detail/text.h"
 
 #include <sys/stat.h>
@@ -24,83 +26,8 @@ namespace mola {
 namespace {
 
 using nlohmann::json;
-
-struct NamedPreset {
-  const char* name;
-  std::array<int64_t, 4> groups;  // bottom group (first layers) first
-};
-// The papers' shapes; the triangle has MORE experts in the LOWER layers.
-constexpr NamedPreset kPresets[] = {
-    {"rectangle", {5, 5, 5, 5}}, {"triangle", {8, 6, 4, 2}}, {"inverted", {2, 4, 6, 8}},
-    {"hourglass", {8, 2, 2, 8}}, {"diamond", {2, 8, 8, 2}},
-};
-const char* const kGroupListRule =
-    "a group list is 4 positive whole numbers separated by '-' or ',' (e.g. \"10-2-2-2\")";
-
-using mola::detail::cat;
-
-template <class... Parts>
-[[noreturn]] void fail(const Parts&... parts) {
-  throw ConfigError(cat(parts...));
-}
-
-std::string quote(const std::string& s) { return "\"" + s + "\""; }
-
-std::string join(const std::vector<std::string>& items) {
-  std::string out;
-  for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
-  return out;
-}
-
-std::string lower(std::string s) {
-  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-std::string trim(const std::string& s) {
-  const auto b = s.find_first_not_of(" \t\n\r");
-  return b == std::string::npos ? "" : s.substr(b, s.find_last_not_of(" \t\n\r") - b + 1);
-}
-
-bool all_digits(const std::string& s) {
-  return !s.empty() && std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isdigit(c) != 0; });
-}
-
-// A JSON value short enough to quote in a message.
-std::string show(const json& j) {
-  std::string s = j.dump();
-  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
-}
-
-std::string did_you_mean(const std::string& word, const std::vector<std::string>& valid) {
-  return "did you mean " + quote(detail::nearest_name(word, valid)) + "?";
-}
-
-// `subject` names the count: "experts", "rank[3]", "experts: group 2 of \"2048\"".
-void check_count(const std::string& field, int64_t v, const std::string& subject) {
-  if (v >= 1) return;
-  const char* why = field == "experts" ? "every layer needs at least one expert"
-                    : field == "top_k" ? "each token must be routed to at least one expert"
-                                       : "a LoRA expert needs rank >= 1";
-  fail(subject, " is ", v, ", but every count must be >= 1; ", why);
-}
-
-void check_num_layers(int64_t num_layers) {
-  if (num_layers < 1)
-    fail("num_layers ", num_layers, " must be >= 1; pass the model's number of transformer layers (32 for LLaMA-2-7B)");
-}
-
-// JSON integers only: 8.0, true and "8" are rejected rather than guessed at.
-bool json_int(const json& j, int64_t* out) {
-  if (j.is_number_unsigned()) {
-    if (j.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return false;
-    *out = static_cast<int64_t>(j.get<uint64_t>());
-    return true;
-  }
-  if (!j.is_number_integer()) return false;
-  *out = j.get<int64_t>();
-  return true;
-}
+using namespace detail::config_reader;
+using mola::detail::join;
 
 std::string get_string(const json& j, const std::string& key, const char* example) {
   if (!j.at(key).is_string()) fail(key, " must be a string such as \"", example, "\"; got ", show(j.at(key)));
@@ -125,7 +52,7 @@ std::vector<std::string> get_string_list(const json& j, const std::string& key) 
 
 void check_one_of(const std::string& key, const std::string& value, const std::vector<std::string>& valid) {
   if (std::find(valid.begin(), valid.end(), value) == valid.end())
-    fail(key, " ", quote(value), " is not one of ", join(valid), "; ", did_you_mean(value, valid));
+    fail(key, " ", json_string(value), " is not one of ", join(valid), "; ", did_you_mean(value, valid));
 }
 
 // Method "lora" is one expert routed with k = 1 in every layer: any other count
@@ -136,10 +63,10 @@ void check_single_expert(const std::string& field, const PerLayerSpec& spec, boo
   if (const auto* list = std::get_if<std::vector<int64_t>>(&spec.value))
     ok = std::all_of(list->begin(), list->end(), [](int64_t n) { return n == 1; });
   if (!ok && molex)
-    fail(field, " ", spec.to_json().dump(), " is not allowed with method \"molex\" over base_method \"lora\": a plain",
+    fail(field, " ", dump(spec.to_json()), " is not allowed with method \"molex\" over base_method \"lora\": a plain",
          " LoRA has one expert (", field, " 1); drop ", field, " or set base_method \"mola\"");
   if (!ok)
-    fail(field, " ", spec.to_json().dump(), " is not allowed with method \"lora\": a plain LoRA has one expert",
+    fail(field, " ", dump(spec.to_json()), " is not allowed with method \"lora\": a plain LoRA has one expert",
          " and routes every token to it (", field, " 1); drop ", field, " or use method \"mola\"");
 }
 
@@ -152,188 +79,11 @@ void check_keys(const json& j, const std::vector<std::string>& valid, const std:
   if (!j.is_object()) fail(what, " must be a JSON object such as {\"experts\": 8}; got ", show(j));
   for (const auto& item : j.items())
     if (std::find(valid.begin(), valid.end(), item.key()) == valid.end())
-      fail(what, ": unknown key ", quote(item.key()), "; ", did_you_mean(item.key(), valid),
+      fail(what, ": unknown key ", json_string(item.key()), "; ", did_you_mean(item.key(), valid),
            " Valid keys: ", join(valid));
 }
 
 }  // namespace
-
-namespace detail {
-
-size_t edit_distance(const std::string& a, const std::string& b) {
-  // One row of the classic dynamic programme: row[j] = distance(a[:i], b[:j]).
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diag = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diag = up;
-    }
-  }
-  return row[b.size()];
-}
-
-namespace {
-size_t common_subsequence(const std::string& a, const std::string& b) {
-  std::vector<size_t> row(b.size() + 1, 0);
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diag = 0;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t up = row[j];
-      row[j] = a[i - 1] == b[j - 1] ? diag + 1 : std::max(row[j], row[j - 1]);
-      diag = up;
-    }
-  }
-  return row[b.size()];
-}
-}  // namespace
-
-std::vector<std::string> names_nearest_first(const std::string& word, const std::vector<std::string>& candidates) {
-  const std::string w = lower(word);
-  struct Scored {
-    double similarity;
-    size_t distance, index;
-  };
-  std::vector<Scored> scored;
-  for (size_t i = 0; i < candidates.size(); ++i) {
-    const std::string c = lower(candidates[i]);
-    const size_t total = w.size() + c.size();
-    const double sim = total == 0 ? 1.0 : 2.0 * static_cast<double>(common_subsequence(w, c)) / total;
-    scored.push_back({sim, edit_distance(w, c), i});
-  }
-  std::sort(scored.begin(), scored.end(), [](const Scored& a, const Scored& b) {
-    if (a.similarity != b.similarity) return a.similarity > b.similarity;
-    if (a.distance != b.distance) return a.distance < b.distance;
-    return a.index < b.index;
-  });
-  std::vector<std::string> out;
-  for (const auto& s : scored) out.push_back(candidates[s.index]);
-  return out;
-}
-
-std::string nearest_name(const std::string& word, const std::vector<std::string>& candidates) {
-  const auto ordered = names_nearest_first(word, candidates);
-  return ordered.empty() ? std::string() : ordered.front();
-}
-
-std::array<int64_t, 4> parse_group_spec(const std::string& field, const std::string& spec) {
-  const std::string forms = cat("give a preset name (", join(preset_names()),
-                                "), 4 digits such as \"2468\", or 4 group counts such as \"10-2-2-2\"");
-  const std::string s = trim(spec);
-  if (s.empty()) fail(field, ": an empty string is not a preset; ", forms);
-  for (const auto& p : kPresets)
-    if (lower(s) == p.name) return p.groups;
-
-  std::array<int64_t, 4> groups{};
-  if (all_digits(s)) {
-    if (s.size() != 4)
-      fail(field, ": ", quote(spec), " has ", s.size(), " digits, so it is not a preset; ",
-           "a digit preset has exactly 4, one per quarter of the layers (e.g. \"2468\"); ",
-           "write counts above 9 with dashes (\"10-2-2-2\")");
-    for (size_t g = 0; g < 4; ++g) {
-      groups[g] = s[g] - '0';
-      check_count(field, groups[g], cat(field, ": group ", g + 1, " of ", quote(spec)));
-    }
-    return groups;
-  }
-  if (s.find_first_of("-,") == std::string::npos)
-    fail(field, ": unknown preset ", quote(spec), "; ", did_you_mean(s, preset_names()), " Or ", forms);
-
-  std::vector<std::string> pieces;
-  std::string piece;
-  for (char c : s + ",") {
-    if (c != '-' && c != ',') piece += c;
-    else pieces.push_back(trim(piece)), piece.clear();
-  }
-  if (pieces.size() != 4)
-    fail(field, ": ", quote(spec), " has ", pieces.size(), " group counts; a group list needs exactly 4, one per ",
-         "quarter of the layers (e.g. \"2-4-6-8\"); for one count per layer use a JSON list");
-  for (size_t g = 0; g < 4; ++g) {
-    const std::string where = cat(field, ": group ", g + 1, " of ", quote(spec));
-    if (pieces[g].empty()) fail(where, " is empty; ", kGroupListRule);
-    if (!all_digits(pieces[g])) fail(where, " (", quote(pieces[g]), ") is not a whole number; ", kGroupListRule);
-    if (pieces[g].size() > 9) fail(where, " (", pieces[g], ") is too large; give at most 999999999");
-    groups[g] = std::stoll(pieces[g]);
-    check_count(field, groups[g], where);
-  }
-  return groups;
-}
-
-std::vector<int64_t> expand_groups(const std::array<int64_t, 4>& groups, int64_t num_layers) {
-  check_num_layers(num_layers);
-  std::vector<int64_t> out;
-  out.reserve(static_cast<size_t>(num_layers));
-  const int64_t base = num_layers / 4, extra = num_layers % 4;
-  for (size_t g = 0; g < 4; ++g)
-    out.insert(out.end(), static_cast<size_t>(base + (static_cast<int64_t>(g) < extra ? 1 : 0)), groups[g]);
-  return out;
-}
-
-}  // namespace detail
-
-std::vector<int64_t> expand_preset(const std::string& spec, int64_t num_layers) {
-  check_num_layers(num_layers);
-  return detail::expand_groups(detail::parse_group_spec("experts", spec), num_layers);
-}
-
-std::vector<std::string> preset_names() {
-  std::vector<std::string> names;
-  for (const auto& p : kPresets) names.emplace_back(p.name);
-  return names;
-}
-
-// ---------------------------------------------------------------- PerLayerSpec
-
-void PerLayerSpec::validate(const std::string& field, bool allow_preset) const {
-  if (const auto* v = std::get_if<int64_t>(&value)) {
-    check_count(field, *v, field);
-  } else if (const auto* list = std::get_if<std::vector<int64_t>>(&value)) {
-    if (list->empty()) fail(field, ": an empty list gives no counts; give 4 group counts or one count per layer");
-    for (size_t i = 0; i < list->size(); ++i) check_count(field, (*list)[i], cat(field, "[", i, "]"));
-  } else if (!allow_preset) {
-    fail(field, ": ", quote(std::get<std::string>(value)), " is a string, but presets apply to experts only; give ",
-         field, " as an int (e.g. 2) or a list (4 group counts or one per layer)");
-  } else {
-    detail::parse_group_spec(field, std::get<std::string>(value));
-  }
-}
-
-std::vector<int64_t> PerLayerSpec::resolve(const std::string& field, int64_t num_layers, bool allow_preset) const {
-  check_num_layers(num_layers);
-  validate(field, allow_preset);
-  if (const auto* v = std::get_if<int64_t>(&value)) return std::vector<int64_t>(static_cast<size_t>(num_layers), *v);
-  if (const auto* list = std::get_if<std::vector<int64_t>>(&value)) {
-    const auto n = static_cast<int64_t>(list->size());
-    if (n == num_layers) return *list;  // per layer; wins over groups when num_layers == 4 (same result)
-    if (n == 4) return detail::expand_groups({(*list)[0], (*list)[1], (*list)[2], (*list)[3]}, num_layers);
-    fail(field, ": a list of ", n, " entries fits neither 4 groups nor the model's ", num_layers,
-         " layers; give 4 group counts or one count per layer");
-  }
-  return detail::expand_groups(detail::parse_group_spec(field, std::get<std::string>(value)), num_layers);
-}
-
-PerLayerSpec PerLayerSpec::from_json(const json& j, const std::string& field) {
-  int64_t v = 0;
-  if (json_int(j, &v)) return PerLayerSpec(v);
-  if (j.is_string()) return PerLayerSpec(j.get<std::string>());
-  if (!j.is_array())
-    fail(field, " must be an integer, a list of integers",
-         field == "experts" ? " or a preset string such as \"triangle\"" : "", "; got ", show(j));
-  std::vector<int64_t> list;
-  for (size_t i = 0; i < j.size(); ++i) {
-    if (!json_int(j[i], &v))
-      fail(field, "[", i, "] is ", show(j[i]), ", not a whole number; every count must be an integer >= 1");
-    list.push_back(v);
-  }
-  return PerLayerSpec(std::move(list));
-}
-
-nlohmann::json PerLayerSpec::to_json() const {
-  return std::visit([](const auto& v) { return json(v); }, value);
-}
 
 // --------------------------------------------------------------- AdapterConfig
 
@@ -377,8 +127,8 @@ const std::vector<std::string>& AdapterConfig::molex_gate_grads() {
 }
 
 const std::vector<std::string>& AdapterConfig::methods() {
-  // "lora" is the same layer with one expert and k = 1 (design.md 6.3);
-  // "molex" mixes each layer with a gated second layer over either (design.md 3).
+  // "lora" is the same layer with one expert and k = 1 (docs/recipes.md);
+  // "molex" mixes each layer with a gated second layer over either (docs/design.md, MoLEx).
   static const std::vector<std::string> m = {"mola", "lora", "molex"};
   return m;
 }
@@ -411,8 +161,8 @@ AdapterConfig AdapterConfig::from_json(const nlohmann::json& j) {
   else
     for (const auto& key : molex_keys())
       if (j.contains(key))
-        fail(key, " is a MoLEx setting, but method is ", quote(method), "; drop ", key,
-             " or set method \"molex\" (with base_method ", quote(method == "mola" ? "mola" : "lora"), ")");
+        fail(key, " is a MoLEx setting, but method is ", json_string(method), "; drop ", key,
+             " or set method \"molex\" (with base_method ", json_string(method == "mola" ? "mola" : "lora"), ")");
   check_keys(j, valid, "adapter config");
   AdapterConfig c = for_method(method, j.contains("base_method") ? get_string(j, "base_method", "lora") : "lora");
   if (j.contains("experts")) c.experts = PerLayerSpec::from_json(j.at("experts"), "experts");
@@ -449,12 +199,12 @@ AdapterConfig AdapterConfig::from_json_string(const std::string& text) {
 }
 
 AdapterConfig AdapterConfig::from_json_file(const std::string& path) {
-  const std::string name = "adapter config file " + quote(path);
+  const std::string name = "adapter config file " + json_string(path);
   struct stat info {};
   if (::stat(path.c_str(), &info) != 0) {
     char cwd[4096] = "?";
     if (::getcwd(cwd, sizeof(cwd)) == nullptr) cwd[0] = '?', cwd[1] = '\0';
-    fail(name, " does not exist; check the path (a relative path starts at the working directory ", quote(cwd), ")");
+    fail(name, " does not exist; check the path (a relative path starts at the working directory ", json_string(cwd), ")");
   }
   if (S_ISDIR(info.st_mode)) fail(name, " is a directory; give the JSON file inside it");
   std::ifstream in(path);
@@ -517,7 +267,7 @@ void AdapterConfig::validate() const {
     if (it->empty())
       fail("targets[", it - targets.begin(), "] is an empty name; give module names such as \"q_proj\"");
     if (std::find(targets.begin(), it, *it) != it)
-      fail("targets lists ", quote(*it), " twice; give each module name once");
+      fail("targets lists ", json_string(*it), " twice; give each module name once");
   }
   if (!(std::isfinite(aux_loss_coef) && aux_loss_coef >= 0))
     fail("aux_loss_coef ", aux_loss_coef,
@@ -543,7 +293,7 @@ void AdapterConfig::validate_molex() const {
                   {"molex_aux_loss_coef", molex_aux_loss_coef != d.molex_aux_loss_coef}};
     for (const auto& f : fields)
       if (f.changed)
-        fail(f.key, " is a MoLEx setting, but method is ", quote(method), "; leave ", f.key,
+        fail(f.key, " is a MoLEx setting, but method is ", json_string(method), "; leave ", f.key,
              " at its default or set method \"molex\"");
     return;
   }
@@ -672,14 +422,14 @@ int64_t ResolvedAdapter::num_parameters(const std::vector<LinearShape>& shapes) 
       given.push_back(s.name);
       if (s.name != t) continue;
       if (found && (found->in_features != s.in_features || found->out_features != s.out_features))
-        fail("num_parameters: two different shapes are given for ", quote(t), "; give each target once");
+        fail("num_parameters: two different shapes are given for ", json_string(t), "; give each target once");
       found = &s;
     }
     if (!found)
-      fail("num_parameters: no shape is given for target ", quote(t), "; pass a LinearShape for every name in targets",
+      fail("num_parameters: no shape is given for target ", json_string(t), "; pass a LinearShape for every name in targets",
            " (got: ", given.empty() ? "none" : join(given), ")");
     if (found->in_features < 1 || found->out_features < 1)
-      fail("num_parameters: shape ", quote(t), " is ", found->in_features, " -> ", found->out_features,
+      fail("num_parameters: shape ", json_string(t), " is ", found->in_features, " -> ", found->out_features,
            "; in_features and out_features must be >= 1");
     in_plus_out += found->in_features + found->out_features;
     in_only += found->in_features;

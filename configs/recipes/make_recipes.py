@@ -4,9 +4,9 @@ the ~200 files cannot drift apart. Run from anywhere:
     python configs/recipes/make_recipes.py          # (re)write the files
     python configs/recipes/make_recipes.py --check  # exit 1 when a file differs
 
-tests/python/test_recipes.py runs the check and validates every file.
+tests/python/train/test_recipes.py runs the check and validates every file.
 
-The settings are the authors' (methods.md 1.6, design.md 6.3): AdamW, lr 3e-4,
+The settings are the authors' (docs/design.md, Fidelity to the papers and the authors' code, docs/recipes.md): AdamW, lr 3e-4,
 batch 128 = micro-batch 8 x 16 accumulation steps, 100 warmup steps then linear
 decay, cutoff 256, train_on_inputs, EOS added, rank 8, alpha 16, dropout 0.05,
 all seven projections, top-2, 20 epochs (their README example; the paper grid-
@@ -14,7 +14,7 @@ searches 10/15/20). The Switch balance loss is on with the coefficient 0.001
 (the paper adopts it in both settings; their direct fine-tuning script leaves
 it off: --set adapter.aux_loss_coef=0 reproduces that script). CoLA, RTE and
 CommonsenseQA are scored on their validation split, the others on test
-(methods.md 1.7).
+(docs/design.md, Fidelity to the papers and the authors' code).
 """
 import json
 import pathlib
@@ -89,8 +89,8 @@ def _mola_adapter(preset):
 
 
 def _molex_adapter(base):
-    """MoLEx (design 3) over LoRA r=8 (alpha 16, MoLA's scaling) or over MoLA 2-4-6-8. The gate settings
-    are mola's defaults, ours where the paper is silent (methods.md 5): mean-pooled sequence gate,
+    """MoLEx (docs/molex.md) over LoRA r=8 (alpha 16, MoLA's scaling) or over MoLA 2-4-6-8. The gate settings
+    are mola's defaults, ours where the paper is silent (docs/design.md, MoLEx): mean-pooled sequence gate,
     alpha 0.5 fixed, straight-through gate gradient, any layer may be chosen, no gate balance loss."""
     adapter = {"method": "molex", "base_method": base}
     if base == "mola":
@@ -143,7 +143,7 @@ def recipes():
                     "eval": _eval(family),
                     "output_dir": f"out/{family}/{task}-{preset}",
                 }
-        # Two-stage training (methods.md 1.6 b): instruction tuning on raw text
+        # Two-stage training (docs/design.md, Fidelity to the papers and the authors' code): instruction tuning on raw text
         # (OpenOrca 50k, not bundled: a JSON Lines file of {"instruction": text}
         # rows), then the task from that adapter with a fresh optimiser.
         stage1 = f"{family}/instruction-2468.json"
@@ -169,7 +169,7 @@ def recipes():
             "eval": _eval(family),
             "output_dir": f"out/{family}/scienceqa-2468-after-instruction",
         }
-        # Continual learning (methods.md, Tables 5 and 6): the ScienceQA
+        # Continual learning (docs/design.md, Fidelity to the papers and the authors' code, Tables 5 and 6): the ScienceQA
         # topics in the paper's order, 20 epochs each, OP and PD at the end.
         # The bundled ScienceQA sample is all biology: the big models need the
         # full text-only ScienceQA (in the bundled schema) at data.train/test;

@@ -68,7 +68,7 @@ def expert_usage(model):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="triangle", help="MoLA expert allocation (design 2.3)")
+    ap.add_argument("--preset", default="triangle", help="MoLA expert allocation (docs/design.md, The MoLA layer)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--clusters", type=int, default=6)

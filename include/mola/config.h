@@ -1,5 +1,5 @@
 // mola/config.h: the adapter configuration (AdapterConfig), MoLA's layer-wise
-// expert-allocation presets (design.md 2.3), JSON in and out, and the
+// expert-allocation presets (docs/design.md, The MoLA layer), JSON in and out, and the
 // trainable-parameter count as the MoLA papers report it.
 //
 // No torch header here or in src/config.cpp, on purpose: the command, the
@@ -89,7 +89,7 @@ struct ResolvedAdapter {
   double aux_loss_coef = 0.001;
   std::string compute = "auto";
   std::string init = "kaiming";  // AdapterConfig::init; PiSSA also changes the base weights
-  // Set by whoever saves the adapter (design.md 6.4); resolve() leaves it "".
+  // Set by whoever saves the adapter (docs/design.md, The adapter files); resolve() leaves it "".
   std::string base_model_name;
   // MoLEx (method "molex"; see AdapterConfig): the per-layer experts, top_k
   // and rank above are the base method's. to_json() writes these keys only
@@ -138,7 +138,7 @@ struct AdapterConfig {
   std::vector<std::string> targets = default_targets();
   double aux_loss_coef = 0.001;  // load-balancing loss weight, >= 0 (0: off)
   std::string compute = "auto";  // one of compute_modes()
-  // How the experts start (design.md 8.1), one of inits():
+  // How the experts start (docs/recipes.md), one of inits():
   //   "kaiming"  A Kaiming-uniform (a = sqrt(5)), B zero: LoRA's and the MoLA
   //              authors' init; the adapted model starts as the base model.
   //   "gaussian" A ~ N(0, (1/r)^2) (std 1/r, as PEFT's init_lora_weights=
@@ -152,10 +152,10 @@ struct AdapterConfig {
   // The router is Kaiming-uniform in all three.
   std::string init = "kaiming";
 
-  // ---- MoLEx (design.md 3): method "molex" only; any other method rejects
+  // ---- MoLEx (docs/design.md, MoLEx): method "molex" only; any other method rejects
   // these keys. Layer t's output is alpha * u_t(z_t) + (1 - alpha) * u_j(z_t),
   // j picked by a gate over the model's layers. Marked "ours" where the paper
-  // is silent (methods.md 5).
+  // is silent (docs/design.md, MoLEx).
   std::string base_method = "lora";  // the adapter inside each block: one of molex_base_methods()
   std::string molex_pool = "mean";   // gate input (ours): mean over tokens, "last" token, or per-"token"
   double molex_alpha = 0.5;          // weight of the layer's own block (ours: 0.5)
@@ -195,7 +195,10 @@ struct AdapterConfig {
   static std::vector<std::string> default_targets();
   static const std::vector<std::string>& keys();           // the JSON keys, in field order
   static const std::vector<std::string>& methods();        // supported adapter methods
-  static const std::vector<std::string>& compute_modes();  // auto, dense, grouped
+  // The names of the op's `compute` codes, in code order: "auto" (0), "dense" (1),
+  // "grouped" (2). The one mapping: mola::ops::parse_compute, compute_name and
+  // Python's mola.ops.COMPUTE read it.
+  static const std::vector<std::string>& compute_modes();
   static const std::vector<std::string>& inits();          // kaiming, gaussian, pissa
   static const std::vector<std::string>& dropout_masks_modes();  // per_expert, shared
   static const std::vector<std::string>& molex_keys();          // base_method and the molex_* keys
@@ -221,16 +224,6 @@ std::vector<int64_t> expand_preset(const std::string& spec, int64_t num_layers);
 std::vector<std::string> preset_names();
 
 namespace detail {
-// Levenshtein distance (insert, delete, substitute each cost 1).
-size_t edit_distance(const std::string& a, const std::string& b);
-// The candidates ordered as a person would guess what `word` meant, nearest
-// first: by how much of the two names' letters they share in order
-// (2 * longest common subsequence / total length, case-insensitive), so that
-// "sciqa" finds "scienceqa" before "cola"; then by edit distance; then in
-// the given order. For "did you mean" messages.
-std::vector<std::string> names_nearest_first(const std::string& word, const std::vector<std::string>& candidates);
-// The first of names_nearest_first; "" when there are no candidates.
-std::string nearest_name(const std::string& word, const std::vector<std::string>& candidates);
 // A preset string's 4 group counts, bottom group first; `field` names the
 // setting in messages.
 std::array<int64_t, 4> parse_group_spec(const std::string& field, const std::string& spec);

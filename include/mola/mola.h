@@ -19,7 +19,7 @@
 #include <mola/train/trainer.h>
 
 namespace mola {
-// The causal LM at the top of the namespace, as the C++ API is spelled (design 6.2).
+// The causal LM at the top of the namespace, as the C++ API is spelled (docs/cpp.md).
 using models::CausalLM;
 using models::ModelConfig;
 using train::TrainOptions;

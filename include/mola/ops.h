@@ -1,4 +1,4 @@
-// The mola op family, one C++ function per registered op (design section 5).
+// The mola op family, one C++ function per registered op (docs/design.md, Strategies and kernels).
 // Each goes through the dispatcher, so C++ callers get the same autograd and
 // device dispatch as `torch.ops.mola.*` from Python.
 #pragma once
@@ -13,7 +13,7 @@
 
 namespace mola::ops {
 
-// How the experts are computed (design section 4). Both strategies give the same
+// How the experts are computed (docs/design.md, Strategies and kernels). Both strategies give the same
 // result to rounding; kAuto picks by the cost rule in resolve_compute.
 enum class Compute : int64_t { kAuto = 0, kDense = 1, kGrouped = 2 };
 
@@ -33,6 +33,10 @@ Compute resolve_compute(Compute compute, int64_t num_experts, int64_t rank, bool
 // top-k routing by softmax(x router^T). x [..., in]; weight [out, in]; router
 // [E, in]; lora_a [E, r, in]; lora_b [E, out, r]. Returns y [..., out] and the
 // router logits [T, E] (T = tokens in x), which the balance loss consumes.
+// A weight with no elements (at::empty({0}, x's options)) is the base-free
+// form: y = b + the experts, for a base computed elsewhere (a quantized
+// linear, mola/quant.h) whose output the caller adds; the backward then
+// gives x only the experts' and the router's gradient, and no weight gradient.
 // dropout_seed: an int64 tensor of one element, needed when training with
 // dropout_p > 0. The masks: by default each routed expert of a token draws
 // its own mask over the token's features, a function of (seed, expert,
@@ -46,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> moe_lora(
     Compute compute = Compute::kAuto, const std::optional<at::Tensor>& dropout_seed = std::nullopt,
     bool shared_dropout_mask = false);
 
-// The Switch-style balance loss of design 2.2: coef * sum_l E_l * sum_e f_e * Pbar_e,
+// The Switch-style balance loss of docs/design.md, The balance loss: coef * sum_l E_l * sum_e f_e * Pbar_e,
 // one entry of router_logits ([N_l, E_l]) and top_k per transformer layer.
 // mask (bool [N]) drops padding rows; each layer's rows are M stacked copies of
 // the N tokens, so the mask is tiled.

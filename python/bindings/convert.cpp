@@ -10,16 +10,14 @@
 
 #include <string>
 
+#include "json.h"
 #include "mola/io/llama2c.h"
 
 namespace py = pybind11;
 
 namespace {
 
-// Paths may be str or any os.PathLike (pathlib.Path).
-std::string fspath(const py::object& path) {
-  return py::module_::import("os").attr("fspath")(path).cast<std::string>();
-}
+using mola_bindings::fspath;  // paths may be str or any os.PathLike (pathlib.Path)
 
 py::dict header_dict(const mola::io::Llama2cHeader& h) {
   py::dict d;

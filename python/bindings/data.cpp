@@ -11,6 +11,7 @@
 
 #include <string>
 
+#include "json.h"
 #include "mola/data/dataset.h"
 #include "mola/data/tokenizer.h"
 
@@ -19,10 +20,7 @@ using namespace mola::data;
 
 namespace {
 
-// str or os.PathLike (pathlib.Path) to a path string.
-std::string fspath(const py::object& p) {
-  return py::module_::import("os").attr("fspath")(p).cast<std::string>();
-}
+using mola_bindings::fspath;  // str or os.PathLike (pathlib.Path) to a path string
 
 std::string quoted(const std::string& s) { return py::repr(py::str(s)).cast<std::string>(); }
 

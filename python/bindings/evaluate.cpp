@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "json.h"
 #include "mola/train/evaluate.h"
 
 namespace py = pybind11;
@@ -21,14 +22,10 @@ using mola::train::EvalOptions;
 
 namespace {
 
-nlohmann::json to_json(const py::handle& obj) {
-  return nlohmann::json::parse(py::module_::import("json").attr("dumps")(obj).cast<std::string>());
-}
-
-py::object to_python(const nlohmann::json& j) { return py::module_::import("json").attr("loads")(j.dump()); }
-
-bool is_path(const py::handle& obj) { return py::isinstance<py::str>(obj) || py::hasattr(obj, "__fspath__"); }
-std::string fspath(const py::handle& obj) { return py::module_::import("os").attr("fspath")(obj).cast<std::string>(); }
+using mola_bindings::fspath;
+using mola_bindings::is_path;
+using mola_bindings::to_json;
+using mola_bindings::to_python;
 
 // A mola._C.Tokenizer, or the path of a tokenizer.model (or its directory).
 mola::data::Tokenizer tokenizer_from(const py::object& obj) {

@@ -17,6 +17,7 @@
 
 #include <string>
 
+#include "json.h"
 #include "mola/io/safetensors_header.h"
 #include "mola/models/adapter.h"
 #include "mola/models/decoder.h"
@@ -48,8 +49,8 @@ py::object output_tuple(const mola::models::CausalLMOutput& out) {
 void attach_from_python(CausalLMImpl& self, const py::object& cfg) {
   const py::module_ json = py::module_::import("json");
   std::string text;
-  if (py::isinstance<py::str>(cfg) || py::hasattr(cfg, "__fspath__")) {
-    const std::string s = py::module_::import("os").attr("fspath")(cfg).cast<std::string>();
+  if (mola_bindings::is_path(cfg)) {
+    const std::string s = mola_bindings::fspath(cfg);
     const auto first = s.find_first_not_of(" \t\r\n");
     if (first == std::string::npos || s[first] != '{') return self.attach(mola::AdapterConfig::from_json_file(s));
     text = s;
@@ -66,10 +67,6 @@ void attach_from_python(CausalLMImpl& self, const py::object& cfg) {
   const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_object() && j.contains("num_layers")) return self.attach(mola::ResolvedAdapter::from_json(j));
   self.attach(mola::AdapterConfig::from_json_string(text));
-}
-
-py::object json_to_python(const nlohmann::json& j) {
-  return py::module_::import("json").attr("loads")(j.dump());
 }
 
 // CausalLM's state as a dict of Python values (pickle's __getstate__).
@@ -162,16 +159,24 @@ void mola_bind_models(py::module_& m) {
       "to get (logits, loss or None).")
       .def_static(
           "from_pretrained",
-          [](const std::string& path, at::ScalarType dtype, const py::object& device) {
+          [](const std::string& path, at::ScalarType dtype, const py::object& device,
+             const std::optional<std::string>& quantize, bool double_quant) {
             const at::Device dev = to_device(device);
+            const mola::quant::Kind kind = mola::quant::parse_kind(quantize.value_or(""));
             py::gil_scoped_release no_gil;
-            return CausalLMImpl::from_pretrained(path, dtype, dev);
+            return CausalLMImpl::from_pretrained(path, dtype, dev, kind, double_quant);
           },
           py::arg("path"), py::arg("dtype") = at::kFloat, py::arg("device") = py::str("cpu"),
+          py::arg("quantize") = py::none(), py::arg("double_quant") = true,
           "Load a Hugging Face checkpoint directory (config.json and safetensors weights), in eval mode as "
-          "transformers' from_pretrained (model.train() to train). Raises "
+          "transformers' from_pretrained (model.train() to train). quantize=\"nf4\" or \"int8\" (CPU) holds the "
+          "seven projection weights quantized (docs/quantization.md); double_quant=False keeps nf4's block absmaxes in "
+          "fp32 (as bitsandbytes without bnb_4bit_use_double_quant). Raises "
           "FileNotFoundError for a missing directory, config.json or weights, ValueError for a bad config or "
           "weights that do not match it (naming the key and both shapes).")
+      .def_property_readonly(
+          "quantization", [](const CausalLMImpl& self) { return std::string(mola::quant::kind_name(self.quantization())); },
+          "How the projection weights are held: \"none\" (dense), \"int8\" or \"nf4\".")
       .def(
           "forward",
           [](CausalLMImpl& self, const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
@@ -245,6 +250,18 @@ void mola_bind_models(py::module_& m) {
           "adapter_enabled", &CausalLMImpl::adapter_enabled, &CausalLMImpl::set_adapter_enabled,
           "False runs the base model alone (the adapter stays attached); mola.disable_adapter(model) sets it for "
           "a with-block.")
+      .def(
+          "set_trainable",
+          [](CausalLMImpl& self, const std::string& which) {
+            const auto c = self.set_trainable(which);
+            py::dict d;
+            d["trainable"] = c.trainable;
+            d["frozen"] = c.frozen;
+            return d;
+          },
+          py::arg("trainable") = "all",
+          "Which adapter tensors train: 'all', 'experts' (routers frozen) or 'routers' (experts frozen). "
+          "Returns {'trainable': n, 'frozen': m} adapter elements.")
       .def("detach_adapter", &CausalLMImpl::detach_adapter,
            "Takes the adapter out (mola.unload): the base model as before attach, its parameters trainable again.")
       .def("attach", &attach_from_python, py::arg("config"),
@@ -256,7 +273,7 @@ void mola_bind_models(py::module_& m) {
             return self.aux_loss(coef, joined_mask(attention_mask));
           },
           py::arg("coef") = py::none(), py::arg("attention_mask") = py::none(),
-          "The load-balancing loss (design.md 2.2) of every training forward since it was last taken (else of "
+          "The load-balancing loss (docs/design.md, The balance loss) of every training forward since it was last taken (else of "
           "the last forward); taking it forgets them, as does a backward pass that reaches the adapter. coef "
           "defaults to the adapter's aux_loss_coef; attention_mask [batch, seq] leaves padding out (a list of "
           "masks, one per forward, when several count).")
@@ -298,7 +315,7 @@ void mola_bind_models(py::module_& m) {
       .def("set_gradient_checkpointing", &CausalLMImpl::set_gradient_checkpointing, py::arg("enabled") = true)
       .def_property_readonly("has_adapter", &CausalLMImpl::has_adapter)
       .def_property_readonly(
-          "adapter_config", [](const CausalLMImpl& self) { return json_to_python(self.adapter_config().to_json()); },
+          "adapter_config", [](const CausalLMImpl& self) { return mola_bindings::to_python(self.adapter_config().to_json()); },
           "The attached adapter's resolved config as a dict (what adapter_config.json holds).")
       .def(
           "adapter_state_dict",
@@ -323,7 +340,7 @@ void mola_bind_models(py::module_& m) {
           "included; empty before the first forward or without an adapter.")
       .def_property_readonly(
           "config",
-          [](const CausalLMImpl& self) { return json_to_python(self.config().to_json()); },
+          [](const CausalLMImpl& self) { return mola_bindings::to_python(self.config().to_json()); },
           "The parsed config.json as a dict, defaults filled in.")
       .def(
           "train",

@@ -1,5 +1,5 @@
 // A torch.distributed ProcessGroup from Python, for the bindings that join one
-// (Trainer, run_command, train_recipe; design.md 11). torch registers
+// (Trainer, run_command, train_recipe; docs/distributed.md). torch registers
 // c10d::ProcessGroup with pybind11 under the c10::intrusive_ptr holder that
 // torch/csrc/utils/pybind.h declares, and _C is built with torch's pybind11,
 // so torch.distributed.group.WORLD (or any group init_process_group or

@@ -1,22 +1,20 @@
 // mola._C.run_command and mola._C.train_recipe / eval_recipe: the `mola`
 // command and its recipe runs (mola/train/run.h), for `python -m mola` and
-// mola.train(recipe, overrides). The GIL is released while they run.
+// mola.recipes.train(recipe, overrides). The GIL is released while they run.
 #include <mola/train/run.h>
 
 #include <torch/python.h>
 
 #include <pybind11/stl.h>
 
+#include "json.h"
 #include "process_group.h"
 
 namespace py = pybind11;
 
 namespace {
 
-// A JSON value as the Python object json.loads would give.
-py::object to_python(const nlohmann::json& j) {
-  return py::module_::import("json").attr("loads")(j.dump());
-}
+using mola_bindings::to_python;
 
 std::vector<std::string> override_list(const py::object& overrides) {
   std::vector<std::string> out;
@@ -47,6 +45,31 @@ void mola_bind_run(py::module_& m) {
       py::arg("args"), py::arg("process_group") = py::none(),
       "The `mola` command line (without the program name); returns its exit status (2: a user error). "
       "process_group: the torch.distributed group `train` joins (python -m mola passes group.WORLD under torchrun).");
+  m.def(
+      "command_verbs",
+      [] {
+        py::list out;
+        for (const auto& v : mola::cli::verbs()) {
+          py::dict d;
+          d["name"] = v.name;
+          d["synopsis"] = v.synopsis;
+          d["summary"] = v.summary;
+          d["options"] = v.options;
+          d["example"] = v.example;
+          d["python_only"] = v.python_only;
+          out.append(d);
+        }
+        return out;
+      },
+      "The `mola` command's table of verbs (mola/cli.h), in order: name, synopsis, summary, options, example, "
+      "python_only. python -m mola builds its argparse subcommands from it.");
+  m.def(
+      "command_verb_of",
+      [](const std::vector<std::string>& args) -> py::object {
+        const auto* v = mola::cli::verb_of(args);
+        return v == nullptr ? py::object(py::none()) : py::object(py::str(v->name));
+      },
+      py::arg("args"), "The verb args name (\"convert mola-authors\" takes two words), or None.");
   m.def(
       "command_help", [](const std::string& verb) { return verb.empty() ? mola::train::usage() : mola::train::help(verb); },
       py::arg("verb") = "",

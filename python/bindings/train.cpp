@@ -21,6 +21,7 @@
 
 #include "mola/data/batch.h"
 #include "mola/train/trainer.h"
+#include "json.h"
 #include "process_group.h"
 
 namespace py = pybind11;
@@ -30,13 +31,8 @@ using mola::train::TrainOptions;
 
 namespace {
 
-nlohmann::json python_to_json(const py::handle& obj) {
-  return nlohmann::json::parse(py::module_::import("json").attr("dumps")(obj).cast<std::string>());
-}
-
-py::object json_to_python(const nlohmann::json& j) {
-  return py::module_::import("json").attr("loads")(j.dump());
-}
+using mola_bindings::to_json;
+using mola_bindings::to_python;
 
 std::vector<int64_t> to_ids(const py::handle& obj, const char* what, size_t index) {
   py::object seq = py::reinterpret_borrow<py::object>(obj);
@@ -82,7 +78,7 @@ std::vector<Example> to_examples(const py::object& items, const char* which) {
 TrainOptions to_options(const py::object& obj) {
   if (obj.is_none()) return TrainOptions{};
   if (py::isinstance<TrainOptions>(obj)) return obj.cast<TrainOptions>();
-  if (py::isinstance<py::dict>(obj)) return TrainOptions::from_json(python_to_json(obj));
+  if (py::isinstance<py::dict>(obj)) return TrainOptions::from_json(to_json(obj));
   throw py::type_error("options must be a mola TrainOptions or a dict; got " + py::repr(obj).cast<std::string>());
 }
 
@@ -109,15 +105,15 @@ void mola_bind_train(py::module_& m) {
                if (!py::isinstance<py::dict>(d))
                  throw py::type_error("TrainOptions: give a dict of settings or keyword arguments; got " +
                                       py::repr(d).cast<std::string>());
-               j = python_to_json(d);
+               j = to_json(d);
              }
-             const nlohmann::json extra = python_to_json(kwargs);
+             const nlohmann::json extra = to_json(kwargs);
              for (const auto& [k, v] : extra.items()) j[k] = v;
              return TrainOptions::from_json(j);
            }),
            py::arg("options") = py::none())
-      .def("to_dict", [](const TrainOptions& o) { return json_to_python(o.to_json()); })
-      .def_static("from_dict", [](const py::dict& d) { return TrainOptions::from_json(python_to_json(d)); })
+      .def("to_dict", [](const TrainOptions& o) { return to_python(o.to_json()); })
+      .def_static("from_dict", [](const py::dict& d) { return TrainOptions::from_json(to_json(d)); })
       .def("validate", &TrainOptions::validate)
       .def_property_readonly_static("keys", [](const py::object&) { return TrainOptions::keys(); })
       .def("__eq__", [](const TrainOptions& a, const TrainOptions& b) { return a == b; })
@@ -157,7 +153,7 @@ void mola_bind_train(py::module_& m) {
            py::arg("model"), py::arg("options"), py::arg("output_dir"), py::arg("process_group") = py::none(),
            "process_group: a torch.distributed ProcessGroup (group.WORLD after init_process_group) to train as one "
            "of its ranks: every rank calls fit() together, gradients are summed over the ranks' micro-batches of "
-           "each global batch, rank 0 alone writes metrics, checkpoints and runs on_eval (design.md 11).")
+           "each global batch, rank 0 alone writes metrics, checkpoints and runs on_eval (docs/distributed.md).")
       .def(
           "fit",
           [](Trainer& self, const py::object& train, const py::object& validation, const py::object& on_eval) {
@@ -175,7 +171,7 @@ void mola_bind_train(py::module_& m) {
                 py::gil_scoped_acquire gil;
                 const py::object r = (*fn)(step);
                 if (r.is_none()) return nullptr;
-                return python_to_json(r);
+                return to_json(r);
               };
             }
             self.set_eval_callback(std::move(callback));
@@ -185,7 +181,7 @@ void mola_bind_train(py::module_& m) {
               result = self.fit(train_ex, valid_ex);
             }
             self.set_eval_callback(nullptr);
-            return json_to_python(result.to_json());
+            return to_python(result.to_json());
           },
           py::arg("train"), py::arg("validation") = py::none(), py::arg("on_eval") = py::none(),
           "Trains; returns {steps, train_loss, eval_loss, checkpoint, tokens, wall_s}. on_eval(step) -> dict|None "

@@ -169,7 +169,7 @@ def _balance(routing: List[Dict[str, Any]], path: str) -> None:
     ax.set_xticks(xs, [f"{l['layer']}\n(E={l['experts']}, k={l['top_k']})" for l in routing])
     ax.set_xlabel("layer")
     ax.set_ylabel("E * sum_e f_e * Pbar_e")
-    ax.set_title("balance loss per layer (design 2.2; 1 = perfectly balanced)", fontsize=10)
+    ax.set_title("balance loss per layer (docs/design.md, The balance loss; 1 = perfectly balanced)", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)

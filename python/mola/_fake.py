@@ -9,8 +9,9 @@ CompositeImplicitAutograd and traces by decomposition.
 import torch
 
 from . import _C
+from .ops import COMPUTE
 
-_DENSE, _GROUPED = 1, 2
+_DENSE = COMPUTE["dense"]
 
 
 def _resolve_compute(compute, num_experts, rank, per_expert_dropout=False):
@@ -28,7 +29,7 @@ def _tokens(x):
 @torch.library.register_fake("mola::moe_lora")
 def _moe_lora_fake(x, weight, bias, router, lora_a, lora_b, top_k, scaling,
                    dropout_p=0.0, training=False, compute=0, dropout_seed=None, shared_dropout_mask=False):
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    y = x.new_empty((*x.shape[:-1], lora_b.shape[1]))  # out (weight may be empty: no base)
     logits = x.new_empty((_tokens(x), router.shape[0]))
     return y, logits
 
@@ -51,7 +52,7 @@ def _moe_lora_forward_fake(x, weight, bias, router, lora_a, lora_b, top_k, scali
 def _moe_lora_backward_fake(grad_y, grad_router_logits, x, weight, router, lora_a, lora_b,
                             router_logits, lora_hidden, top_k, scaling, dropout_p, training,
                             compute, dropout_seed, shared_dropout_mask, output_mask):
-    likes = (x, weight, weight[:, 0], router, lora_a, lora_b)
+    likes = (x, weight, lora_b[0, :, 0], router, lora_a, lora_b)  # bias [out]
     # contiguous whatever the inputs' strides: the CPU and CUDA backwards return fresh
     # contiguous gradients, and inductor plans layouts from this
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) if need else None

@@ -1,4 +1,4 @@
-"""mola.CausalLM: the C++ decoder (llama, mistral, gemma; design.md 7) as bound
+"""mola.CausalLM: the C++ decoder (llama, mistral, gemma; docs/design.md, Models and loading) as bound
 in python/bindings/models.cpp. Re-exported here so that the Python package's
 public names live in Python modules, like the rest of mola's API.
 
@@ -6,7 +6,7 @@ public names live in Python modules, like the rest of mola's API.
     out = model(input_ids, attention_mask, labels)    # CausalLMOutput: out.logits, out.loss
     logits, loss = out                                 # it is a namedtuple
 
-Adapters live in the C++ model (design.md 6.2, 6.4):
+Adapters live in the C++ model (docs/design.md, The adapter files):
 
     model.attach(mola.MoLAConfig(experts="inverted", top_k=2, rank=8))  # freezes the base
     opt = torch.optim.AdamW([p for _, p in model.named_parameters() if p.requires_grad], lr=3e-4)

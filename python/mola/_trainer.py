@@ -1,4 +1,4 @@
-"""mola.Trainer and mola.TrainOptions: the C++ trainer (src/train/, design.md
+"""mola.Trainer and mola.TrainOptions: the C++ trainer (src/train/, docs/design.md
 6.2, 8, 10) as bound in python/bindings/train.cpp, re-exported so the public
 names live in a Python module like the rest of mola's API.
 

@@ -1,4 +1,4 @@
-"""``mola.save_adapter`` / ``mola.load_adapter``: the adapter directory of design 6.4.
+"""``mola.save_adapter`` / ``mola.load_adapter``: the adapter directory of docs/design.md, The adapter files.
 
 Two files, the same ones the C++ model reads and writes:
 - ``adapter_config.json``: ``MoLAConfig.resolve(num_layers)`` (method, per-layer
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import MOLEX_FIELDS, MoLAConfig
-from .inject import _inject_resolved, adapter_key, mola_modules, num_decoder_layers
+from .injection import _inject_resolved, adapter_key, mola_modules, num_decoder_layers
 from .nn import MoLALinear
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -1,4 +1,4 @@
-"""``mola.analysis`` and ``mola analyze``: seeing inside a trained mixture (design.md 8.2).
+"""``mola.analysis`` and ``mola analyze``: seeing inside a trained mixture (docs/analysis.md).
 
     python -m mola analyze out/tiny/scienceqa-2468/adapter --data data/tasks/scienceqa/test.jsonl
     mola.analysis.analyze("out/run/adapter", data="test.jsonl")      # the same, from Python
@@ -8,7 +8,7 @@ distance between its experts (the redundancy of the MoLA papers' section 6.2),
 on each expert's B A, on A and on B. With data: the model runs with the adapter
 over the rows (prompts built as training built them, through mola.data) and,
 per layer and target, each expert's selection count and mean fusion weight, the
-router entropy, and per layer the balance loss of design 2.2. Padding tokens
+router entropy, and per layer the balance loss of docs/design.md, The balance loss. Padding tokens
 are left out of every routing figure. The numbers go to analysis.json, the
 plots (_analysis_plots.py) to PNG files, and index.html shows them.
 """
@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from .adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
-from .inject import adapter_key, mola_modules
+from .injection import adapter_key, mola_modules
+from .ops import moe_lora_route
 
 __all__ = ["analyze", "load_adapter_tensors", "expert_redundancy", "pairwise_distances", "expert_norms", "RoutingStats",
            "router_logits", "find_run_inputs"]
@@ -84,7 +85,7 @@ def expert_norms(lora_a: torch.Tensor, lora_b: torch.Tensor) -> List[float]:
 
 def expert_redundancy(tensors: Dict[str, torch.Tensor], resolved: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Per layer: ``{"layer", "experts", "targets": {target: {"BA", "A", "B", "norm_BA"}}}``: the
-    pairwise_distances and the expert_norms of each target, from adapter tensors keyed as design 6.4
+    pairwise_distances and the expert_norms of each target, from adapter tensors keyed as docs/design.md, The adapter files
     (``model.layers.{l}.self_attn.q_proj.mola.lora_a``)."""
     found: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -114,12 +115,12 @@ class RoutingStats:
     """Routing figures accumulated over batches of router logits (padding already removed).
 
     ``add(layer, target, logits)`` with logits ``[tokens, E]``. The routing rule
-    is the op's (design 2.1): softmax in fp32, top-k, weights renormalised over
-    the k selected; k >= E is dense. Per (layer, target): how often each expert
+    is the op's own (``mola.ops.moe_lora_route``: softmax in fp32, top-k,
+    weights renormalised over the k selected; k >= E is dense). Per (layer, target): how often each expert
     is selected, its mean renormalised weight when selected (its fusion weight;
     None when never selected) and the mean entropy (nats) of the full softmax.
     Per layer, over the rows of all its targets stacked: the balance loss
-    L_l = E_l * sum_e f_e * Pbar_e of design 2.2 (1 at perfect balance).
+    L_l = E_l * sum_e f_e * Pbar_e of docs/design.md, The balance loss (1 at perfect balance).
     """
 
     def __init__(self, resolved: Dict[str, Any]):
@@ -129,13 +130,15 @@ class RoutingStats:
         self._layer: Dict[int, Dict[str, Any]] = {}
 
     def add(self, layer: int, target: str, logits: torch.Tensor) -> None:
+        """Count one batch of router logits ``[tokens, E]`` of ``target`` in ``layer``
+        (padding removed), routed as the op routes them."""
         experts, k = self.experts[layer], min(self.top_k[layer], self.experts[layer])
         if logits.dim() != 2 or logits.shape[1] != experts:
             raise ValueError(f"RoutingStats.add: layer {layer} {target} logits have shape {list(logits.shape)}; "
                              f"expected [tokens, {experts}]")
-        p = logits.detach().to(torch.float32).softmax(-1)  # [T, E]
-        values, index = p.topk(k, dim=-1)  # [T, k]
-        weights = values / values.sum(-1, keepdim=True)
+        logits = logits.detach()
+        weights, index, _ = moe_lora_route(logits, k)  # [T, k] each
+        p = logits.to(weights.dtype).softmax(-1)  # [T, E]: for the entropy and the balance loss
         flat = index.reshape(-1).cpu()
         count = torch.bincount(flat, minlength=experts).to(torch.float64)
         weight_sum = torch.zeros(experts, dtype=torch.float64).index_add_(0, flat, weights.reshape(-1).cpu().double())
@@ -267,7 +270,7 @@ def _batches(examples: List[List[int]], batch_size: int, device: str):
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         width = max(len(e) for e in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)  # pad id 0, right padding (design 8)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)  # pad id 0, right padding (docs/recipes.md)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, e in enumerate(chunk):
             ids[i, :len(e)] = torch.tensor(e, dtype=torch.long)

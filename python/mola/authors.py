@@ -1,7 +1,7 @@
 """Adapters trained with the MoLA authors' code (GCYZSL/MoLA), imported into
-mola's adapter format (methods.md 1.5):
+mola's adapter format (docs/design.md, Fidelity to the papers and the authors' code):
 
-    mola.import_authors_adapter("their_run/", "out/adapter")   # then mola.load_adapter(...)
+    mola.authors.import_authors_adapter("their_run/", "out/adapter")   # then mola.load_adapter(...)
 
 Their directory holds a peft ``adapter_config.json`` (``r`` a per-layer list,
 ``lora_alpha``, ``lora_dropout``, ``target_modules``; no expert counts, no

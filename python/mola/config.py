@@ -69,7 +69,7 @@ def expand_preset(spec: str, num_layers: int) -> List[int]:
 
 @dataclasses.dataclass
 class MoLAConfig:
-    """Settings of a MoLA adapter (design.md 2; see ``mola::AdapterConfig``).
+    """Settings of a MoLA adapter (docs/design.md, The MoLA layer; see ``mola::AdapterConfig``).
 
     experts, top_k and rank are each an int, a list of 4 group counts or one
     count per transformer layer; experts may also be a preset: ``rectangle``
@@ -81,7 +81,7 @@ class MoLAConfig:
     ``method="lora"`` is a plain LoRA: one expert, top_k 1 (their defaults then,
     and the only values allowed).
 
-    ``init`` is how the experts start (design 8.1): ``"kaiming"`` (LoRA's and
+    ``init`` is how the experts start (docs/recipes.md, Training variants): ``"kaiming"`` (LoRA's and
     the authors': A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, std
     1/r) as PEFT's ``init_lora_weights="gaussian"``, B zero) or ``"pissa"``
     (PiSSA: every expert gets the principal part of the base weight, A =
@@ -93,7 +93,7 @@ class MoLAConfig:
     code, which calls dropout inside its per-expert loop) or ``"shared"`` (one
     mask per token for all its experts: faster, and a deviation from the authors).
 
-    ``method="molex"`` is MoLEx (design 3) with its defaults; ``MoLExConfig``
+    ``method="molex"`` is MoLEx (docs/molex.md) with its defaults; ``MoLExConfig``
     has its settings as fields (``from_dict`` and ``from_json`` return one for
     method "molex").
     """
@@ -217,7 +217,7 @@ class MoLAConfig:
 
 @dataclasses.dataclass
 class MoLExConfig(MoLAConfig):
-    """Settings of a MoLEx adapter (design 3): ``MoLAConfig`` with ``method="molex"``.
+    """Settings of a MoLEx adapter (docs/molex.md): ``MoLAConfig`` with ``method="molex"``.
 
     At each decoder layer t a gate over the model's L layers picks one layer j
     and the layer's output becomes alpha * u_t(z_t) + (1 - alpha) * u_j(z_t),

@@ -1,9 +1,9 @@
-"""Accuracy on multiple-choice and classification rows (design.md 8), as bound
+"""Accuracy on multiple-choice and classification rows (docs/recipes.md), as bound
 from C++ in python/bindings/evaluate.cpp (mola/train/evaluate.h). Re-exported
 here so that the package's public names live in Python modules.
 
-    result = mola.evaluate(model, "tokenizer.model", "templates/alpaca.json", rows,
-                           mola.EvalOptions(batch_size=8, max_new_tokens=128))
+    result = mola.evaluation.evaluate(model, "tokenizer.model", "templates/alpaca.json", rows,
+                           mola.evaluation.EvalOptions(batch_size=8, max_new_tokens=128))
     result["generate_accuracy"], result["generate_failed"], result["loglik_accuracy"]
     result["majority_answer"], result["majority_accuracy"]
 

@@ -7,7 +7,7 @@ that trains a model injected by ``mola.inject``.
     trainer.train()          # out/checkpoint-N/mola_adapter/, out/mola_adapter/
 
 On top of the Trainer it
-- adds ``mola.aux_loss`` (the balance loss of design 2.2, padding left out) to
+- adds ``mola.aux_loss`` (the balance loss of docs/design.md, The balance loss, padding left out) to
   the loss of each micro-batch, scaled like the Trainer scales the LM loss
   under gradient accumulation, so a step's loss is the mean over micro-batches;
 - logs ``aux_loss`` (its mean since the last log) and the expert load: per
@@ -37,9 +37,10 @@ import transformers
 from torch import nn
 
 from .adapter import load_adapter, save_adapter
-from .inject import mola_modules
+from .injection import mola_modules
 from .lifecycle import ADAPTER_DIRNAME  # the adapter's folder inside a checkpoint or output directory
 from .nn import DEFAULT_AUX_LOSS_COEF, aux_loss
+from .ops import moe_lora_route
 
 __all__ = ["MoLATrainer", "ExampleCollator", "expert_load_counts", "ADAPTER_DIRNAME"]
 
@@ -48,8 +49,8 @@ def expert_load_counts(model: nn.Module, attention_mask: Optional[torch.Tensor] 
                        ) -> "OrderedDict[int, torch.Tensor]":
     """Top-k selections per expert in the last forward, summed over each layer's MoLALinear modules.
 
-    Repeats the op's routing rule on the router logits each module kept (softmax
-    in fp32, fp64 for fp64 logits; top-k), so the counts are the op's choices.
+    Routes the router logits each module kept with the op's own routing
+    (``mola.ops.moe_lora_route``), so the counts are the op's choices.
     ``attention_mask`` (``[batch, seq]``, 0 = padding) leaves padding out.
     Returns ``{layer_index: int64 counts [E]}`` in layer order.
     """
@@ -67,8 +68,7 @@ def expert_load_counts(model: nn.Module, attention_mask: Optional[torch.Tensor] 
                 raise ValueError(f"expert_load_counts: {path} routed {logits.shape[0]} tokens but the "
                                  f"attention_mask has {keep.numel()}; pass the mask of the batch the model ran")
             logits = logits[keep.to(logits.device)]
-        rdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        chosen = logits.to(rdtype).softmax(-1).topk(m.top_k, dim=-1).indices.reshape(-1)
+        chosen = moe_lora_route(logits, m.top_k)[1].reshape(-1)
         c = torch.bincount(chosen.cpu(), minlength=m.num_experts)
         layer = -1 if m.layer_index is None else m.layer_index
         counts[layer] = counts[layer] + c if layer in counts else c

@@ -247,6 +247,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         raise ValueError("merge_and_unload: a MoLEx adapter mixes the output of another whole layer, chosen per "
                          "sequence, into each layer; no change of weights can express that. Keep the adapter "
                          "(mola.save_adapter) or take it out without merging (mola.unload)")
+    quantized = [(path, m) for path, m in _modules(model) if m.quantized_base]
+    if quantized:
+        path, m = quantized[0]
+        raise ValueError(f"merge_and_unload: the base layer of {path} is quantized ({type(m.base).__name__}); "
+                         "merging into it would round the update to the base's 4 or 8 bits. Load the base "
+                         "unquantized and merge there (the adapter files load over either), or keep the adapter")
     routed = [(path, m) for path, m in _modules(model) if m.num_experts > 1]
     if routed:
         path, m = routed[0]

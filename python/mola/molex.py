@@ -1,4 +1,4 @@
-"""MoLEx on transformers models (design 3): ``mola.MoLExGate`` and the layer wrapper ``mola.inject`` installs.
+"""MoLEx on transformers models (docs/molex.md): ``mola.molex.MoLExGate`` and the layer wrapper ``mola.inject`` installs.
 
 At decoder layer t a gate over the model's L layers picks a layer j from the
 layer input z_t, and the layer's output becomes

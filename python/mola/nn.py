@@ -12,14 +12,21 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import _C
 from .ops import compute_code, load_balancing_loss, shared_mask
 
-DEFAULT_AUX_LOSS_COEF = 1e-3  # the authors' router_aux_loss_coef (methods.md 1.2)
+DEFAULT_AUX_LOSS_COEF = 1e-3  # the authors' router_aux_loss_coef (docs/design.md, Fidelity to the papers and the authors' code)
 INITS = ("kaiming", "gaussian", "pissa")  # mola::AdapterConfig::inits()
 
 
+def _is_quantized(base: nn.Linear) -> bool:
+    w = base.weight
+    plain = type(w) in (torch.Tensor, nn.Parameter) and w.dtype.is_floating_point
+    return not plain or type(base).forward is not nn.Linear.forward
+
+
 class MoLALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a top-k router over E LoRA experts (design 2.1).
+    """A frozen ``nn.Linear`` plus a top-k router over E LoRA experts (docs/design.md, The MoLA layer).
 
     Args:
         base: the pretrained layer; it is frozen and kept as ``.base``.
@@ -31,7 +38,7 @@ class MoLALinear(nn.Module):
         dropout_masks: ``"per_expert"`` (each expert a token is routed to draws
             its own mask, as the MoLA authors' code) or ``"shared"`` (one mask
             for all of a token's experts: faster, a deviation from the authors).
-        compute: ``"auto"``, ``"dense"`` or ``"grouped"`` (design section 4).
+        compute: ``"auto"``, ``"dense"`` or ``"grouped"`` (docs/design.md, Strategies and kernels).
         layer_index: the transformer layer this module belongs to; ``aux_loss``
             groups by it (None: a group of its own).
         init: ``"kaiming"`` (default), ``"gaussian"`` or ``"pissa"`` (see
@@ -79,9 +86,19 @@ class MoLALinear(nn.Module):
         self.layer_index = layer_index
         self.init = init
         w = base.weight
-        # Over a 16-bit base the adapter trains in fp32 (and so does its optimizer
-        # state), as PEFT's autocast_adapter_dtype; forward casts it to x's dtype.
-        kw = dict(device=w.device, dtype=torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype)
+        #: Whether the base is quantized (bitsandbytes' Linear4bit / Linear8bitLt,
+        #: torchao's NF4 or int8 weight tensors, or any nn.Linear whose weight is
+        #: not a plain floating tensor or whose forward is its own): its own
+        #: forward then gives the base output and the op adds the experts (its
+        #: base-free form, an empty weight).
+        self.quantized_base = _is_quantized(base)
+        if init == "pissa" and self.quantized_base:
+            raise ValueError(f"init='pissa' moves part of the base weight into the adapter, but the base "
+                             f"{type(base).__name__} is quantized; use init='kaiming' or 'gaussian'")
+        # Over a 16-bit or quantized base the adapter trains in fp32 (and so does
+        # its optimizer state), as PEFT's autocast_adapter_dtype; forward casts it to x's dtype.
+        wide = self.quantized_base or w.dtype in (torch.bfloat16, torch.float16)
+        kw = dict(device=w.device, dtype=torch.float32 if wide else w.dtype)
         self.router = nn.Parameter(torch.empty(num_experts, base.in_features, **kw))
         self.lora_a = nn.Parameter(torch.empty(num_experts, rank, base.in_features, **kw))
         self.lora_b = nn.Parameter(torch.empty(num_experts, base.out_features, rank, **kw))
@@ -111,7 +128,7 @@ class MoLALinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """LoRA's init, as the authors' code (methods.md 1.1): router and A
+        """LoRA's init, as the authors' code (docs/design.md, Fidelity to the papers and the authors' code): router and A
         ``kaiming_uniform_(a=sqrt(5))`` per expert matrix, which is
         ``U(-1/sqrt(in), 1/sqrt(in))``; B zero, so the module starts as the base layer.
         With ``init="gaussian"`` A is drawn from N(0, std 1/r) instead (PEFT's
@@ -143,10 +160,17 @@ class MoLALinear(nn.Module):
         router, lora_a, lora_b = self.router, self.lora_a, self.lora_b
         if router.dtype != x.dtype:  # an fp32 adapter over a 16-bit base: differentiable casts
             router, lora_a, lora_b = router.to(x.dtype), lora_a.to(x.dtype), lora_b.to(x.dtype)
-        y, logits = torch.ops.mola.moe_lora(
-            x, self.base.weight, self.base.bias, router, lora_a, lora_b,
-            self.top_k, self.scaling, self.dropout, self.training, self._compute_code, seed,
-            self._shared_dropout_mask)
+        if self.quantized_base:  # the base's own forward, then the experts alone
+            y, logits = torch.ops.mola.moe_lora(
+                x, x.new_empty(0), None, router, lora_a, lora_b,
+                self.top_k, self.scaling, self.dropout, self.training, self._compute_code, seed,
+                self._shared_dropout_mask)
+            y = self.base(x).to(y.dtype) + y
+        else:
+            y, logits = torch.ops.mola.moe_lora(
+                x, self.base.weight, self.base.bias, router, lora_a, lora_b,
+                self.top_k, self.scaling, self.dropout, self.training, self._compute_code, seed,
+                self._shared_dropout_mask)
         self.router_logits = logits
         if self.training and torch.is_grad_enabled() and (
                 self.router.requires_grad or self.lora_a.requires_grad or self.lora_b.requires_grad):
@@ -161,6 +185,8 @@ class MoLALinear(nn.Module):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pretrained layer alone: ``x W^T + b`` (with PiSSA, W is the residual
         plus the principal part taken out of it at the start)."""
+        if self.quantized_base:
+            return self.base(x)
         y = nn.functional.linear(x, self.base.weight, self.base.bias)
         if self.init == "pissa":
             a0, b0 = self.pissa_a0.to(x.dtype), self.pissa_b0.to(x.dtype)
@@ -240,31 +266,22 @@ class _SpentForward:
 
 @torch.no_grad()
 def pissa_init(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-    """PiSSA (Meng et al. 2024) in place, as ``mola::nn::detail::pissa_init``.
+    """PiSSA (Meng et al. 2024) in place: C++'s ``mola::nn::detail::pissa_init``,
+    the one the C++ model uses.
 
     With the SVD ``weight = U S V^T`` (fp32; fp64 for an fp64 weight) and r =
     ``lora_a.shape[1]``: every expert gets ``A = sqrt(S_r / s) V_r^T`` and
     ``B = U_r sqrt(S_r / s)``, and ``weight`` becomes ``weight - U_r S_r V_r^T``
     (= weight - s B A). That product does not depend on the SVD's signs, so the
-    adjusted weight is the same wherever it is recomputed.
+    adjusted weight is the same wherever it is recomputed. A rank above
+    min(out, in) raises ValueError.
     """
-    experts, r, in_features = lora_a.shape
-    out_features = weight.shape[0]
-    if r > min(weight.shape):
-        raise ValueError(f"init pissa: rank {r} exceeds min(out, in) = {min(weight.shape)} of the base weight "
-                         f"{list(weight.shape)}; lower the rank or use init 'kaiming'")
-    w = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # [out, m], [m], [m, in]
-    u_r, s_r, vh_r = u[:, :r], s[:r], vh[:r]
-    root = (s_r / scaling).sqrt()  # [r]
-    lora_a.copy_((root[:, None] * vh_r).expand(experts, r, in_features))    # [E, r, in]
-    lora_b.copy_((u_r * root[None, :]).expand(experts, out_features, r))    # [E, out, r]
-    weight.copy_(w - (u_r * s_r[None, :]) @ vh_r)                           # W - U_r S_r V_r^T
+    _C.pissa_init(weight, lora_a, lora_b, float(scaling))
 
 
 def aux_loss(model: nn.Module, coef: Optional[float] = None,
              mask: Union[torch.Tensor, Sequence[torch.Tensor], None] = None) -> torch.Tensor:
-    """The balance loss (design 2.2) over every MoLALinear of ``model`` that ran a forward.
+    """The balance loss (docs/design.md, The balance loss) over every MoLALinear of ``model`` that ran a forward.
 
     Which forwards count: every training forward (train mode, grad enabled)
     since the balance loss was last taken, so two forwards before one
@@ -284,7 +301,7 @@ def aux_loss(model: nn.Module, coef: Optional[float] = None,
     out of the loss; the authors' code includes it (the default, None). When
     several forwards count, give one mask per forward (a list, in call order)
     or one mask over all their tokens. For a MoLEx model with
-    ``molex_aux_loss_coef`` > 0 the gates' balance loss is added (``mola.molex_balance_loss``).
+    ``molex_aux_loss_coef`` > 0 the gates' balance loss is added (``mola.molex.molex_balance_loss``).
     """
     from ._models import CausalLM
     if isinstance(model, CausalLM):  # the C++ model keeps the same rule

@@ -7,7 +7,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-COMPUTE = {"auto": 0, "dense": 1, "grouped": 2}
+from . import _C
+
+# The op's compute codes by name, from C++'s one list (AdapterConfig::compute_modes).
+COMPUTE = {name: code for code, name in enumerate(_C.compute_names())}
 
 
 def compute_code(compute) -> int:
@@ -17,7 +20,7 @@ def compute_code(compute) -> int:
             raise ValueError(
                 f"compute={compute!r} is not a strategy; use one of {sorted(COMPUTE)}")
         return COMPUTE[compute]
-    if compute in (0, 1, 2):
+    if compute in COMPUTE.values():
         return int(compute)
     raise ValueError(f"compute={compute!r} is not a strategy; use one of {sorted(COMPUTE)}")
 
@@ -27,10 +30,14 @@ def moe_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
              scaling: float, dropout_p: float = 0.0, training: bool = False,
              compute="auto", dropout_seed: Optional[torch.Tensor] = None,
              dropout_masks: str = "per_expert") -> Tuple[torch.Tensor, torch.Tensor]:
-    """The MoLA layer (design 2.1): ``y = x W^T + b + scaling * sum_j w_j B_j A_j dropout(x)``.
+    """The MoLA layer (docs/design.md, The MoLA layer): ``y = x W^T + b + scaling * sum_j w_j B_j A_j dropout(x)``.
 
     Shapes: x ``[..., in]``, weight ``[out, in]``, router ``[E, in]``, lora_a
     ``[E, r, in]``, lora_b ``[E, out, r]``. Returns ``(y [..., out], router_logits [T, E])``.
+    An empty ``weight`` (``torch.empty(0)``) is the base-free form: ``y = b + the
+    experts``, for a base layer computed elsewhere (a quantized linear,
+    :mod:`mola.quant`), whose output the caller adds; x's gradient then carries
+    only the experts' and the router's parts.
     ``dropout_seed`` (int64, one element) is required when training with dropout.
     ``dropout_masks``: ``"per_expert"`` (each routed expert of a token draws its own
     mask, as the MoLA authors' per-expert dropout calls) or ``"shared"`` (one mask
@@ -43,7 +50,7 @@ def moe_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: Sequence[int],
                         coef: float = 1e-3, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Switch-style balance loss summed over layers (design 2.2), times ``coef``.
+    """Switch-style balance loss summed over layers (docs/design.md, The balance loss), times ``coef``.
 
     One ``[rows, E_l]`` logits tensor and one ``top_k`` per transformer layer.
     """
@@ -78,9 +85,8 @@ def shared_mask(dropout_masks: str) -> bool:
 def resolve_compute(compute, num_experts: int, rank: int, per_expert_dropout: bool = False) -> str:
     """The strategy ``compute`` stands for at this shape (C++'s one rule):
     ``"dense"`` or ``"grouped"``."""
-    from . import _C
     code = _C.resolve_compute(compute_code(compute), int(num_experts), int(rank), bool(per_expert_dropout))
-    return {1: "dense", 2: "grouped"}[code]
+    return _C.compute_names()[code]
 
 
 __all__: List[str] = ["moe_lora", "load_balancing_loss", "moe_lora_route", "dropout_mask",

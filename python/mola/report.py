@@ -1,4 +1,4 @@
-"""The report of a training run (design.md 8): plots and a page from the files
+"""The report of a training run (docs/recipes.md): plots and a page from the files
 ``mola train`` writes into its output directory.
 
     python -m mola report OUT_DIR        # or mola.report.write_report(OUT_DIR)

@@ -1,4 +1,4 @@
-"""``mola.set_trainable``: which adapter tensors train (design.md 8.1).
+"""``mola.trainable.set_trainable``: which adapter tensors train (docs/recipes.md).
 
 The C++ Trainer does the same from its ``trainable`` option (TrainOptions,
 recipe key ``train.trainable``); this is the helper for a training loop of
@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 from torch import nn
 
-from .inject import mola_modules
+from .injection import mola_modules
 
 __all__ = ["set_trainable", "TRAINABLE"]
 
@@ -34,17 +34,13 @@ def set_trainable(model: Any, trainable: str = "all") -> Dict[str, int]:
         raise ValueError(f"set_trainable: trainable={trainable!r} is not one of {', '.join(TRAINABLE)} "
                          "(all: routers and experts; experts: routers frozen; routers: experts frozen)")
     routers, experts = trainable != "experts", trainable != "routers"
-    tensors = []  # (tensor, is_router)
+    tensors = []  # (tensor, is_router): MoLALinear modules and MoLEx gates of a transformers model
     from ._models import CausalLM
     if isinstance(model, CausalLM):
-        for name, p in model.named_parameters():
-            if name.endswith(".mola.router"):
-                tensors.append((p, True))
-            elif name.endswith((".mola.lora_a", ".mola.lora_b")):
-                tensors.append((p, False))
-            elif ".molex." in name:  # MoLEx's gates route between layers: routers
-                tensors.append((p, True))
-    elif isinstance(model, nn.Module):
+        if not model.has_adapter:
+            raise ValueError("set_trainable: the model has no adapter; add one first (CausalLM.attach(cfg))")
+        return model.set_trainable(trainable)  # C++'s selection, the one the Trainer uses
+    if isinstance(model, nn.Module):
         for _, m in mola_modules(model):
             tensors += [(m.router, True), (m.lora_a, False), (m.lora_b, False)]
         tensors += [(p, True) for name, p in model.named_parameters() if ".molex." in name]

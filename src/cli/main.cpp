@@ -1,10 +1,10 @@
-// The `mola` command (design.md 6.3): a thin main over mola::train::run_command,
+// The `mola` command (docs/recipes.md): a thin main over mola::cli::run_command,
 // which `python -m mola` also calls through the bindings.
-#include <mola/train/run.h>
+#include <mola/cli.h>
 
 #include <string>
 #include <vector>
 
 int main(int argc, char** argv) {
-  return mola::train::run_command(std::vector<std::string>(argv + 1, argv + argc));
+  return mola::cli::run_command(std::vector<std::string>(argv + 1, argv + argc));
 }

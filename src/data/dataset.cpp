@@ -206,7 +206,7 @@ Example tokenize_row(const Row& row, const PromptTemplate& tmpl, const Tokenizer
   check_options(opts);
   // generate_and_tokenize_prompt (mola_training.py). The authors call
   // tokenize(full_prompt) with its default add_eos_token=True, so their flag
-  // only moves the mask; mola applies it to the full text as well (design.md
+  // only moves the mask; mola applies it to the full text as well (docs/design.md
   // 8). With the authors' setting, True, the two are the same.
   Example ex;
   ex.input_ids = tokenize_like_authors(tok, tmpl.prompt(row.instruction, row.input, row.output), opts.cutoff_len,

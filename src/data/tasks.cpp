@@ -1,5 +1,5 @@
 // load_rows: JSON Lines task files (data/README.md) into instruction rows in
-// the authors' multiple-choice format (methods.md 1.7, their ScienceQA
+// the authors' multiple-choice format (docs/design.md, Fidelity to the papers and the authors' code, their ScienceQA
 // "CQM-A" format):
 //   instruction  "Context: {context}\nQuestion: {question}\nOptions: (A) {c0} (B) {c1} ...\n"
 //   input        ""
@@ -39,7 +39,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include "mola/config.h"  // detail::names_nearest_first
 #include "mola/data/dataset.h"
 
 namespace mola::data {
@@ -125,7 +124,7 @@ void check_answer(Row& r, const Where& w) {
   }
 }
 
-// The authors' CQM-A instruction and output (methods.md 1.7).
+// The authors' CQM-A instruction and output (docs/design.md, Fidelity to the papers and the authors' code).
 void set_cqm(Row& r, const std::string& context, const std::string& question,
              const std::vector<std::pair<std::string, std::string>>& choices, const std::string& answer) {
   std::string opts;

@@ -1,4 +1,4 @@
-// mola::data::Tokenizer over the SentencePiece C++ library (design.md 8).
+// mola::data::Tokenizer over the SentencePiece C++ library (docs/recipes.md).
 //
 // encode() reproduces what the authors tokenised with: transformers'
 // LlamaTokenizer with its defaults (add_bos_token true, add_eos_token false,

@@ -2,14 +2,14 @@
 // entirely in parse_safetensors_header (safetensors_header.cpp), which open()
 // runs on the map: once a header has passed, every entry's bytes are known to
 // lie inside the map, so get() needs no checks beyond the name. The writer
-// goes through a temporary file and rename() for crash safety (design.md 6.4).
+// goes through a temporary file and rename() for crash safety (docs/design.md, The adapter files).
 //
 // No <filesystem>: the PyPI libtorch exports its own statically linked copies
 // of std::filesystem (pytorch/pytorch#133437) that win symbol lookup and crash
 // (remove_all). POSIX open/fstat/mmap/rename does all we need.
 #include "mola/io/safetensors.h"
 
-#include "mola/config.h"  // detail::edit_distance, for "did you mean" lists
+#include "detail/text.h"  // quote, edit_distance
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -33,12 +33,11 @@ namespace {
 
 using nlohmann::json;
 
+using mola::detail::quote;
+
 template <class... Parts>
 [[noreturn]] void fail(const std::string& path, const Parts&... parts) {
-  std::ostringstream o;
-  o << "safetensors: " << path << ": ";
-  (o << ... << parts);
-  throw SafetensorsError(o.str());
+  mola::detail::raise<SafetensorsError>("safetensors: ", path, ": ", parts...);
 }
 
 struct DtypeName {
@@ -66,15 +65,13 @@ at::ScalarType scalar_type_of(const std::string& name) {
   throw SafetensorsError("safetensors: dtype '" + name + "' has no ATen type; add it to kDtypes in src/io/safetensors.cpp");
 }
 
-std::string quote(const std::string& s) { return "'" + s + "'"; }
-
 std::string errno_text() { return std::strerror(errno); }
 
 // Up to 5 names nearest to `name`, for the missing-tensor message.
 std::string nearest_names(const std::string& name, const std::vector<std::string>& names) {
   if (names.empty()) return "the file holds no tensors";
   std::vector<std::pair<size_t, std::string>> scored;
-  for (const auto& n : names) scored.emplace_back(detail::edit_distance(name, n), n);
+  for (const auto& n : names) scored.emplace_back(mola::detail::edit_distance(name, n), n);
   std::sort(scored.begin(), scored.end());
   std::string s = "nearest names: ";
   for (size_t i = 0; i < scored.size() && i < 5; ++i) s += (i ? ", " : "") + quote(scored[i].second);
@@ -199,6 +196,15 @@ at::Tensor SafetensorsFile::mapped(const std::string& name, const TensorInfo& ti
   // The view holds the mapping: it stays mapped while any view lives.
   std::shared_ptr<Mapping> keep = mapping_;
   return at::from_blob(const_cast<uint8_t*>(bytes), ti.shape, [keep](void*) mutable { keep.reset(); }, cpu);
+}
+
+void SafetensorsFile::release_pages(const std::string& name) const {
+  const TensorInfo& ti = info(name);
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(map_ + data_start_ + ti.begin);
+  const auto end = reinterpret_cast<uintptr_t>(map_ + data_start_ + ti.end);
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;  // whole pages inside
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
 }
 
 at::Tensor SafetensorsFile::get(const std::string& name, std::optional<at::ScalarType> dtype, at::Device device) const {

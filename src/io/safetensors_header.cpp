@@ -5,6 +5,8 @@
 // that tests/fuzz compiles it with libFuzzer's coverage instrumentation.
 #include "mola/io/safetensors_header.h"
 
+#include "detail/text.h"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -21,12 +23,11 @@ using nlohmann::json;
 // means the first 8 bytes are not a safetensors length at all.
 constexpr uint64_t kMaxHeaderBytes = 100ull * 1000 * 1000;
 
+using mola::detail::quote;
+
 template <class... Parts>
 [[noreturn]] void fail(const std::string& path, const Parts&... parts) {
-  std::ostringstream o;
-  o << "safetensors: " << path << ": ";
-  (o << ... << parts);
-  throw SafetensorsError(o.str());
+  mola::detail::raise<SafetensorsError>("safetensors: ", path, ": ", parts...);
 }
 
 std::string dtype_list() {
@@ -34,8 +35,6 @@ std::string dtype_list() {
   for (const auto& d : safetensors_dtype_names()) s += (s.empty() ? "" : ", ") + d.first;
   return s;
 }
-
-std::string quote(const std::string& s) { return "'" + s + "'"; }
 
 // One header entry checked against the data buffer of `data_size` bytes.
 SafetensorsEntry parse_entry(const std::string& path, const std::string& name, const json& e, uint64_t data_size) {

@@ -2,7 +2,7 @@
 // of CausalLM in decoder.h): attaching MoLA or LoRA to the projections, the
 // balance loss over the last forward's router logits, and the two adapter
 // files. Apart from decoder.cpp because none of it is needed to run a base
-// model, and the file format is a contract of its own (design.md 6.4).
+// model, and the file format is a contract of its own (docs/design.md, The adapter files).
 #include "mola/models/adapter.h"
 
 #include "detail/parameters.h"
@@ -11,6 +11,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <mola/io/safetensors.h>
+#include <mola/train/options.h>  // TrainOptions::trainables
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -152,6 +153,10 @@ void CausalLMImpl::attach(const ResolvedAdapter& r) {
       throw ConfigError(cat("targets: \"", t, "\" is not a projection of the ", config().model_type,
                             " decoder; did you mean \"", mola::detail::nearest_name(t, projection_names()),
                             "\"? Valid targets: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"));
+  if (r.init == "pissa" && quantization_ != quant::Kind::kNone)
+    throw ConfigError(cat("init \"pissa\" moves part of each base weight into the adapter, but this model's base is "
+                          "quantized (", quant::kind_name(quantization_), "); use init \"kaiming\" or \"gaussian\", "
+                          "or load the base without quantize"));
   const ops::Compute compute = ops::parse_compute(r.compute);
   for (int64_t l = 0; l < r.num_layers; ++l) {
     const auto* layer = model->layers->ptr(static_cast<size_t>(l))->as<DecoderLayerImpl>();
@@ -197,7 +202,7 @@ void CausalLMImpl::attach(const ResolvedAdapter& r) {
       layer->molex->train(is_training());
     }
   }
-  // Only the routers and experts train (design.md 2.1), and MoLEx's gates.
+  // Only the routers and experts train (docs/design.md, The MoLA layer), and MoLEx's gates.
   for (auto& param : parameters(/*recurse=*/true)) param.requires_grad_(false);
   for (const auto& a : adapted_projections())
     for (auto& param : a.module->mola->parameters()) param.requires_grad_(true);
@@ -217,6 +222,31 @@ void CausalLMImpl::set_adapter_enabled(bool enabled) {
     if (layer->as<DecoderLayerImpl>()->has_molex()) layer->as<DecoderLayerImpl>()->molex->enabled = enabled;
 }
 
+CausalLMImpl::TrainableCounts CausalLMImpl::set_trainable(const std::string& which) {
+  const auto& valid = train::TrainOptions::trainables();
+  if (std::find(valid.begin(), valid.end(), which) == valid.end())
+    detail::raise<std::invalid_argument>("set_trainable: trainable=", detail::quote(which), " is not one of ",
+                                         detail::join(valid),
+                                         " (all: routers and experts; experts: routers frozen; routers: experts frozen)");
+  if (!adapter_)
+    throw std::logic_error("set_trainable: the model has no adapter; attach or load one first");
+  const bool routers = which != "experts", experts = which != "routers";
+  TrainableCounts counts;
+  const auto set = [&](const at::Tensor& t, bool on) {
+    t.requires_grad_(on);
+    (on ? counts.trainable : counts.frozen) += t.numel();
+  };
+  for (const auto& a : adapted_projections()) {
+    set(a.module->mola->router, routers);
+    set(a.module->mola->lora_a, experts);
+    set(a.module->mola->lora_b, experts);
+  }
+  // MoLEx's gates route between layers: they count as routers.
+  for (auto& p : named_parameters(/*recurse=*/true))
+    if (p.key().find(".molex.") != std::string::npos) set(p.value(), routers);
+  return counts;
+}
+
 void CausalLMImpl::detach_adapter() {
   if (!adapter_) throw std::logic_error("CausalLM.detach_adapter: the model has no adapter; nothing to take out");
   for (auto& a : adapted_projections()) a.module->detach();
@@ -234,6 +264,10 @@ void CausalLMImpl::detach_adapter() {
 }
 
 CausalLMImpl::State CausalLMImpl::state() const {
+  if (quantization_ != quant::Kind::kNone)
+    throw std::logic_error(cat("CausalLM: a model with a quantized base (quantize=\"", quant::kind_name(quantization_),
+                               "\") cannot be copied or pickled; load it again with from_pretrained(dir, quantize=\"",
+                               quant::kind_name(quantization_), "\"), and save its adapter with save_adapter"));
   State st;
   st.config = config();
   st.name_or_path = name_or_path;

@@ -183,6 +183,8 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
   c.activation = activation_of(r, c.hidden_act, act_field, c.family);
 
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", gemma);
+  c.scale_embeddings = gemma;
+  c.norm_unit_offset = gemma;
   c.attention_bias = r.boolean("attention_bias", false);
   c.mlp_bias = r.boolean("mlp_bias", false);
 

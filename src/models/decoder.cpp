@@ -151,22 +151,21 @@ DecoderModelImpl::DecoderModelImpl(const ModelConfig& c) : config(c) {
                                                ._weight(mola::detail::new_parameter({c.vocab_size, c.hidden_size}))));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(DecoderLayer(c));
-  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.family == ModelFamily::kGemma));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset));
 }
 
 at::Tensor DecoderModelImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
                                      KVCache* cache) {
   const int64_t batch = input_ids.size(0), seq = input_ids.size(1);
   at::Tensor h = embed_tokens->forward(input_ids);  // [batch, seq, hidden]
-  if (config.family == ModelFamily::kGemma) {
+  if (config.scale_embeddings) {
     // Gemma scales the embeddings by sqrt(hidden_size), the factor rounded to
     // the model dtype first (fp32 -> dtype, as transformers' embed_scale).
     const double factor = std::sqrt(static_cast<double>(config.hidden_size));
     h = h * at::scalar_tensor(factor, at::TensorOptions().dtype(at::kFloat).device(h.device())).to(h.scalar_type());
   }
   const int64_t past = cache != nullptr ? cache->length() : 0;
-  const std::optional<int64_t> window =
-      config.family == ModelFamily::kMistral ? config.sliding_window : std::optional<int64_t>{};
+  const std::optional<int64_t> window = config.sliding_window;  // set for the families that have one
   if (cache != nullptr) {
     const bool padded = attention_mask.has_value() && !attention_mask->ne(0).all().item<bool>();
     cache->keys.resize(layers->size());
@@ -336,7 +335,8 @@ void CausalLMImpl::load_weights(std::map<std::string, at::Tensor> weights, const
   }
 }
 
-void CausalLMImpl::load_checkpoint(const std::string& dir, at::ScalarType dtype, at::Device device) {
+void CausalLMImpl::load_checkpoint(const std::string& dir, at::ScalarType dtype, at::Device device,
+                                   quant::Kind quantize, bool double_quant) {
   // Every shard's header first: names and shapes are checked before any data is read.
   const std::vector<io::CheckpointShard> shards = io::checkpoint_shards(dir);
   std::map<std::string, std::vector<int64_t>> shapes;
@@ -356,15 +356,34 @@ void CausalLMImpl::load_checkpoint(const std::string& dir, at::ScalarType dtype,
   // the file's dtype: no copy); otherwise one tensor is converted at a time,
   // and a shard's map is let go once its tensors are placed.
   auto params = named_parameters(/*recurse=*/true);
+  // With quantize: the projections' weights by parameter name.
+  std::map<std::string, AdaptableLinear> quantized;
+  if (quantize != quant::Kind::kNone) {
+    require(device.is_cpu(), "from_pretrained: quantize=\"", quant::kind_name(quantize), "\" runs on the CPU only in "
+            "this build (got device ", device.str(), "); load on the CPU or without quantize");
+    for (int64_t l = 0; l < static_cast<int64_t>(model->layers->size()); ++l)
+      for (const auto& name : projection_names())
+        quantized.emplace(cat("model.layers.", l, ".", DecoderLayerImpl::projection_path(name), ".weight"),
+                          model->layers->ptr(static_cast<size_t>(l))->as<DecoderLayerImpl>()->projection(name));
+  }
   at::NoGradGuard no_grad;
   for (const auto& shard : shards) {
     const io::SafetensorsFile f = io::SafetensorsFile::open(shard.path);
     for (const auto& name : shard.names.empty() ? f.names() : shard.names) {
       at::Tensor* param = params.find(name);
       if (param == nullptr) continue;  // checked above: inv_freq, a tied head
-      param->set_data(f.load(name, dtype, device));
+      const auto q = quantized.find(name);
+      if (q == quantized.end()) {
+        param->set_data(f.load(name, dtype, device));
+        continue;
+      }
+      // Read in place from the map in the file's dtype (a copy only when the
+      // bytes are misaligned), quantized, and the map's pages of it dropped.
+      q->second->set_quantized(quant::quantize(f.load(name, f.info(name).scalar_type), quantize, double_quant));
+      f.release_pages(name);
     }
   }
+  quantization_ = quantize;
 }
 
 void check_device(const at::Device& device, const std::string& fix) {
@@ -384,7 +403,8 @@ void check_device(const at::Device& device, const std::string& fix) {
 }
 
 std::shared_ptr<CausalLMImpl> CausalLMImpl::from_pretrained(const std::string& dir, at::ScalarType dtype,
-                                                            at::Device device) {
+                                                            at::Device device, quant::Kind quantize,
+                                                            bool double_quant) {
   check_device(device, "load on the CPU with device=\"cpu\"");
   if (!exists(dir))
     throw ModelFileNotFoundError(cat(dir, ": no such checkpoint directory; give a directory holding a Hugging Face "
@@ -403,7 +423,7 @@ std::shared_ptr<CausalLMImpl> CausalLMImpl::from_pretrained(const std::string& d
     model = std::make_shared<CausalLMImpl>(config);
   }
   model->name_or_path = checkpoint_name(dir);
-  model->load_checkpoint(dir, dtype, device);
+  model->load_checkpoint(dir, dtype, device, quantize, double_quant);
   model->eval();
   return model;
 }

@@ -63,7 +63,7 @@ at::Tensor CausalLMImpl::generate(const at::Tensor& input_ids, const GenerateOpt
             "CausalLM.generate: attention_mask must hold only 0 (padding) and 1 (token)");
   }
   // A left-padded batch (the authors evaluate in left-padded batches of 8,
-  // methods.md 1.7): padding must precede every row's tokens, so that each
+  // docs/design.md, Fidelity to the papers and the authors' code): padding must precede every row's tokens, so that each
   // row's new tokens follow its last real one. Right padding would put the
   // continuation after padding.
   const bool padded = attention_mask.has_value() && !attention_mask->ne(0).all().item<bool>();

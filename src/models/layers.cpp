@@ -53,8 +53,21 @@ AdaptableLinearImpl::AdaptableLinearImpl(int64_t in, int64_t out, bool has_bias)
 
 at::Tensor AdaptableLinearImpl::forward(const at::Tensor& x) {
   const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  if (quantized && mola && adapter_enabled)  // weight is empty: the op adds the experts only
+    return quant::linear(x, quantized, b) + mola->forward(x, weight, std::nullopt);
   if (mola && adapter_enabled) return mola->forward(x, weight, b);
   return base_forward(x);
+}
+
+void AdaptableLinearImpl::set_quantized(quant::QuantizedWeight q) {
+  TORCH_CHECK(q.out_features == out_features && q.in_features == in_features,
+              "AdaptableLinear.set_quantized: the weight is [", q.out_features, ", ", q.in_features,
+              "] but the layer is [", out_features, ", ", in_features, "]");
+  TORCH_CHECK(!mola || !mola->pissa_a0.defined(), "AdaptableLinear.set_quantized: PiSSA changed this weight");
+  quantized = std::make_shared<const quant::QuantizedWeight>(std::move(q));
+  at::NoGradGuard no_grad;
+  weight.set_data(at::empty({0}, weight.options()));
+  weight.requires_grad_(false);
 }
 
 namespace {
@@ -89,6 +102,7 @@ struct FrozenLinear16 : public torch::autograd::Function<FrozenLinear16> {
 
 at::Tensor AdaptableLinearImpl::base_forward(const at::Tensor& x) {
   const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  if (quantized) return quant::linear(x, quantized, b);
   const bool frozen = !weight.requires_grad() && !(bias.defined() && bias.requires_grad());
   at::Tensor y = frozen && mola::detail::compute_in_fp32_on_cpu(weight) && x.scalar_type() == weight.scalar_type()
                      ? FrozenLinear16::apply(x, weight, b)
@@ -232,12 +246,11 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
 // ---- decoder block --------------------------------------------------------------------
 
 DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c) {
-  const bool gemma = c.family == ModelFamily::kGemma;
   self_attn = register_module("self_attn", Attention(c));
   mlp = register_module("mlp", MLP(c));
-  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, gemma));
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset));
   post_attention_layernorm =
-      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, gemma));
+      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_unit_offset));
 }
 
 AdaptableLinear DecoderLayerImpl::projection(const std::string& name) const {

@@ -1,5 +1,5 @@
 // MoLEx on the C++ decoder (mola/models/decoder.h, molex_layer_forward;
-// design.md 3): running layer t's own block and the block its gate chose,
+// docs/design.md, MoLEx): running layer t's own block and the block its gate chose,
 // and mixing them. The gate itself (pooling, routing, mix) is
 // mola::nn::MoLExGate (src/nn/molex.cpp); this file decides which rows go
 // through which block, and keeps the second blocks' KV caches for

@@ -1,5 +1,5 @@
-// mola::load_balancing_loss, the Switch-style balance loss of design 2.2 in the
-// form the MoLA authors coded it (methods.md 1.2): per transformer layer l,
+// mola::load_balancing_loss, the Switch-style balance loss of docs/design.md, The balance loss in the
+// form the MoLA authors coded it (docs/design.md, Fidelity to the papers and the authors' code): per transformer layer l,
 //   P = softmax(logits_l) in fp32, sel = topk(P, k_l),
 //   f_e = count(sel == e) / (N * k_l)   (sums to 1, not differentiable),
 //   Pbar_e = mean over rows of P[:, e],  L_l = E_l * sum_e f_e * Pbar_e,

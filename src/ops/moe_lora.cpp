@@ -5,11 +5,14 @@
 //                     backward, dropout, the grouped products) and cuBLAS for the wide GEMMs
 //   src/ops/autograd/ the torch::autograd::Function calling _moe_lora_backward
 // Fake (meta) kernels live in Python, mola/_fake.py, so torch.compile traces through.
+#include <mola/config.h>
 #include <mola/ops.h>
 
 #include "ops/moe_lora_impl.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mola, m) {
@@ -38,26 +41,25 @@ TORCH_LIBRARY_FRAGMENT(mola, m) {
 
 namespace mola::ops {
 
+// Names and codes: AdapterConfig::compute_modes() lists the names in code order.
 Compute parse_compute(const std::string& name) {
-  if (name == "auto") return Compute::kAuto;
-  if (name == "dense") return Compute::kDense;
-  if (name == "grouped") return Compute::kGrouped;
+  const auto& names = AdapterConfig::compute_modes();
+  for (size_t code = 0; code < names.size(); ++code)
+    if (names[code] == name) return static_cast<Compute>(code);
   TORCH_CHECK_VALUE(false, "compute: got \"", name,
                     "\"; it must be \"auto\", \"dense\" or \"grouped\"");
 }
 
 const char* compute_name(Compute compute) {
-  switch (compute) {
-    case Compute::kDense: return "dense";
-    case Compute::kGrouped: return "grouped";
-    default: return "auto";
-  }
+  const auto& names = AdapterConfig::compute_modes();
+  const auto code = static_cast<size_t>(compute);
+  return code < names.size() ? names[code].c_str() : names[0].c_str();
 }
 
 Compute resolve_compute(Compute compute, int64_t num_experts, int64_t rank, bool per_expert_dropout) {
   if (per_expert_dropout) return Compute::kGrouped;  // see ops.h
   if (compute != Compute::kAuto) return compute;
-  // Design section 4's starting rule. On the CPU it matches the measured
+  // The starting rule (docs/design.md, Strategies and kernels). On the CPU it matches the measured
   // crossover (bench/crossover.py, bench/results/crossover-cpu-*.json: dense
   // ahead up to E*r = 128, ties at 256, grouped ahead from 512); on CUDA it
   // awaits the same measurement on an H100 (bench/crossover.py --device cuda).
@@ -114,11 +116,14 @@ void check_moe_lora_args(const at::Tensor& x, const at::Tensor& weight,
                          double dropout_p, bool training, int64_t compute,
                          const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "moe_lora: x must have a feature dimension; got a 0-d tensor");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "moe_lora: weight must be [out, in]; got ", weight.dim(),
-                    " dims");
-  const int64_t in = x.size(-1), out = weight.size(0);
-  TORCH_CHECK_VALUE(weight.size(1) == in, "moe_lora: weight.size(1) (", weight.size(1),
-                    ") must equal x.size(-1) (", in, "); x does not fit the base layer");
+  TORCH_CHECK_VALUE(!has_base(weight) || weight.dim() == 2, "moe_lora: weight must be [out, in] (or empty: "
+                    "no base, see the op's docs); got ", weight.sizes());
+  const int64_t in = x.size(-1);
+  TORCH_CHECK_VALUE(lora_b.dim() == 3, "moe_lora: lora_b must be [num_experts, out, rank]; got ", lora_b.sizes());
+  const int64_t out = has_base(weight) ? weight.size(0) : lora_b.size(1);
+  TORCH_CHECK_VALUE(!has_base(weight) || weight.size(1) == in, "moe_lora: weight.size(1) (",
+                    has_base(weight) ? weight.size(1) : 0, ") must equal x.size(-1) (", in,
+                    "); x does not fit the base layer");
   TORCH_CHECK_VALUE(router.dim() == 2, "moe_lora: router must be [num_experts, in]; got ",
                     router.sizes());
   const int64_t E = router.size(0);
@@ -178,6 +183,20 @@ int64_t read_dropout_seed(const std::optional<at::Tensor>& dropout_seed) {
                         dropout_seed->scalar_type() == at::kLong,
                     "dropout_seed must be an int64 tensor of one element");
   return dropout_seed->item<int64_t>();
+}
+
+at::Tensor base_free_output(const at::Tensor& X, const std::optional<at::Tensor>& bias, int64_t out) {
+  at::Tensor y = at::zeros({X.size(0), out}, X.options());
+  if (bias && bias->defined()) y.add_(bias->to(X.scalar_type()));
+  return y;
+}
+
+at::Tensor shrink_weight(const at::Tensor& router, const at::Tensor& lora_a) {
+  return at::cat({lora_a.reshape({-1, lora_a.size(2)}), router}, 0);
+}
+
+at::Tensor cat_lora_b(const at::Tensor& lora_b) {
+  return lora_b.permute({1, 0, 2}).reshape({lora_b.size(1), -1});
 }
 
 }  // namespace mola::detail

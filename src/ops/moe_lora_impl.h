@@ -12,7 +12,7 @@
 namespace mola::detail {
 
 // Argument checks shared by every backend; messages name the argument, what it
-// got, what it must be and how to fix it (style.md, Errors).
+// got, what it must be and how to fix it (docs/contributing.md).
 void check_moe_lora_args(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const at::Tensor& router,
                          const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> forward_without_hidden(
 }
 
 // The dtype routing and its reductions run in: fp32 for fp32 and narrower
-// inputs (the authors' fp32 softmax, methods.md 1.1), fp64 for fp64 inputs so
+// inputs (the authors' fp32 softmax, docs/design.md, Fidelity to the papers and the authors' code), fp64 for fp64 inputs so
 // float64 checks (gradcheck, the reference to 1e-10) are not capped at fp32.
 inline at::ScalarType routing_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
@@ -78,5 +78,22 @@ inline bool per_expert_dropout(double dropout_p, bool training, bool shared_drop
 
 // The seed's value (an int64 tensor of one element).
 int64_t read_dropout_seed(const std::optional<at::Tensor>& dropout_seed);
+
+// Whether the op computes the base x W^T + b itself: a 2-d weight. A weight
+// with no elements (any shape, e.g. torch.empty(0)) is the base-free form:
+// y = b + the experts, for a base computed elsewhere (a quantized linear,
+// include/mola/quant.h) whose output the caller adds; the backward then
+// leaves the base's dy W to that layer.
+inline bool has_base(const at::Tensor& weight) { return weight.numel() != 0; }
+// y's start in the base-free form: the bias on every row, or zeros. [T, out] in X's dtype.
+at::Tensor base_free_output(const at::Tensor& X, const std::optional<at::Tensor>& bias, int64_t out);
+
+// The dense strategy's two stacked weights, one definition for the CPU and CUDA paths:
+// [A_cat; Wr]: [E*r + E, in], every expert's A rows then the router's. One GEMM
+// against it reads x once for the expert inputs and the logits. (A first, so the
+// backward's dA is the leading block of [dA; dWr] and needs no copy.)
+at::Tensor shrink_weight(const at::Tensor& router, const at::Tensor& lora_a);
+// B [E, out, r] -> B_cat [out, E*r], the expand weight of the dense strategy.
+at::Tensor cat_lora_b(const at::Tensor& lora_b);
 
 }  // namespace mola::detail

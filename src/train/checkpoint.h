@@ -1,4 +1,4 @@
-// Training checkpoints (design.md 6.4, 10), private to the trainer. A
+// Training checkpoints (docs/design.md, The adapter files, 10), private to the trainer. A
 // checkpoint is a directory OUTPUT/checkpoints/step-<N> holding
 //   adapter_config.json, adapter_model.safetensors   the adapter (models::save_adapter)
 //   optimizer.safetensors   "<param>.exp_avg", "<param>.exp_avg_sq", "<param>.step"
@@ -89,7 +89,7 @@ void trim_metrics(const std::string& path, int64_t step);
 // replaced) is renamed back to step-<N> when that is missing, else removed.
 void remove_stale_temporaries(const std::string& output_dir);
 
-// A testing hook, for the crash-safety test (tests/python/test_crash_safety.py):
+// A testing hook, for the crash-safety test (tests/python/train/test_crash_safety.py):
 // when the environment variable MOLA_FAULT_INJECT is "kill:<point>:step=<N>"
 // and the trainer reaches `point` ("step": after the first micro-batch's
 // backward of step N; "checkpoint-write": inside the write of checkpoint N,

@@ -1,4 +1,4 @@
-// The trainer's side of torch.distributed (design.md 11), private to
+// The trainer's side of torch.distributed (docs/distributed.md), private to
 // src/train/: a thin layer over a c10d::ProcessGroup that is a no-op without
 // one, so the loop reads the same for one process and for N ranks.
 //

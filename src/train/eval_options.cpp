@@ -2,6 +2,7 @@
 // "eval" section. Torch-free, like the rest of the recipe reader.
 #include <mola/train/eval_options.h>
 
+#include "detail/json_fields.h"
 #include "detail/text.h"
 
 #include <algorithm>
@@ -12,22 +13,14 @@ namespace {
 
 using mola::detail::cat;
 
+const mola::detail::JsonFields fields("eval options: ");
+
 template <class... Parts>
 [[noreturn]] void fail_option(const Parts&... parts) {
-  throw ConfigError(cat("eval options: ", parts...));
+  fields.fail(parts...);
 }
 
-std::string join(const std::vector<std::string>& names) {
-  std::string out;
-  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
-  return out;
-}
-
-int64_t get_int(const nlohmann::json& v, const std::string& key) {
-  if (!v.is_number_integer())
-    fail_option(key, " must be an integer; got ", v.dump(), " (write it without quotes or a decimal point)");
-  return v.get<int64_t>();
-}
+using mola::detail::join;
 
 }  // namespace
 
@@ -45,16 +38,16 @@ EvalOptions EvalOptions::from_json(const nlohmann::json& j) {
   if (!j.is_object()) fail_option("expected a JSON object of settings; got ", j.dump());
   EvalOptions o;
   for (const auto& [key, v] : j.items()) {
-    if (key == "batch_size") o.batch_size = get_int(v, key);
-    else if (key == "max_new_tokens") o.max_new_tokens = get_int(v, key);
-    else if (key == "max_examples") o.max_examples = get_int(v, key);
+    if (key == "batch_size") o.batch_size = fields.integer(v, key);
+    else if (key == "max_new_tokens") o.max_new_tokens = fields.integer(v, key);
+    else if (key == "max_examples") o.max_examples = fields.integer(v, key);
     else if (key == "methods") {
       if (v.is_string()) o.methods = {v.get<std::string>()};
       else if (v.is_array() && std::all_of(v.begin(), v.end(), [](const auto& e) { return e.is_string(); }))
         o.methods = v.get<std::vector<std::string>>();
       else fail_option("methods must be a list of method names (", join(method_names()), "); got ", v.dump());
     } else {
-      fail_option("unknown key \"", key, "\"; did you mean \"", detail::nearest_name(key, keys()),
+      fail_option("unknown key \"", key, "\"; did you mean \"", mola::detail::nearest_name(key, keys()),
                   "\"? (valid keys: ", join(keys()), ")");
     }
   }
@@ -76,7 +69,7 @@ void EvalOptions::validate() const {
   for (const auto& m : methods) {
     if (std::find(method_names().begin(), method_names().end(), m) == method_names().end())
       fail_option("method \"", m, "\" is unknown; use ", join(method_names()), " (did you mean \"",
-                  detail::nearest_name(m, method_names()), "\"?)");
+                  mola::detail::nearest_name(m, method_names()), "\"?)");
     if (!seen.insert(m).second) fail_option("method \"", m, "\" is listed twice in methods");
   }
 }

@@ -27,11 +27,7 @@ void require(bool ok, const Parts&... parts) {
   if (!ok) throw std::invalid_argument(cat("evaluate: ", parts...));
 }
 
-std::string join(const std::vector<std::string>& names) {
-  std::string out;
-  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
-  return out;
-}
+using mola::detail::join;
 
 std::string row_name(const std::vector<data::Row>& rows, size_t i) {
   return rows[i].id.empty() ? cat("row ", i) : cat("row ", i, " (id \"", rows[i].id, "\")");

@@ -1,11 +1,11 @@
 // expert_load (mola/train/run.h): which experts the routers pick, per layer,
 // on real data. It reads the router logits each MoLA adapter keeps from its
-// last forward and repeats the routing rule of the op (design.md 2.1: softmax
-// in fp32, top-k), so the counts are those the op used: a logit tie picks the
-// same expert in both (at::topk on the same fp32 probabilities).
+// last forward and routes them again with the op's own routing
+// (mola::ops::moe_lora_route), so the counts are the choices the op made.
 #include "mola/train/run.h"
 
 #include <mola/data/batch.h>
+#include <mola/ops.h>
 
 #include "train/progress.h"
 
@@ -44,7 +44,7 @@ nlohmann::json expert_load(models::CausalLMImpl& model, const std::vector<data::
     for (const auto& p : projections) {
       const int64_t experts = adapter.experts[p.layer], k = adapter.top_k[p.layer];
       const at::Tensor logits = p.module->mola->router_logits.reshape({-1, experts}).index({keep});  // [tokens, E]
-      const at::Tensor chosen = std::get<1>(logits.to(at::kFloat).softmax(-1).topk(k, -1)).reshape({-1});
+      const at::Tensor chosen = std::get<1>(ops::moe_lora_route(logits, k)).reshape({-1});
       const at::Tensor c = at::bincount(chosen.cpu(), /*weights=*/{}, experts);  // [E]
       auto [it, fresh] = counts.emplace(p.path, c);
       if (!fresh) it->second = it->second + c;

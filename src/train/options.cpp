@@ -2,6 +2,8 @@
 // the learning-rate schedules. No torch here, like src/config.cpp.
 #include <mola/train/options.h>
 
+#include "detail/json_fields.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -11,40 +13,14 @@ namespace mola::train {
 
 namespace {
 
-template <typename... Args>
-[[noreturn]] void fail(const Args&... args) {
-  std::ostringstream os;
-  os << "train options: ";
-  (os << ... << args);
-  throw ConfigError(os.str());
+const mola::detail::JsonFields fields("train options: ");
+
+template <class... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  fields.fail(parts...);
 }
 
-int64_t get_int(const nlohmann::json& v, const std::string& key) {
-  if (!v.is_number_integer())
-    fail(key, " must be an integer; got ", v.dump(), " (write it without quotes or a decimal point)");
-  return v.get<int64_t>();
-}
-
-double get_number(const nlohmann::json& v, const std::string& key) {
-  if (!v.is_number()) fail(key, " must be a number; got ", v.dump());
-  return v.get<double>();
-}
-
-bool get_bool(const nlohmann::json& v, const std::string& key) {
-  if (!v.is_boolean()) fail(key, " must be true or false; got ", v.dump());
-  return v.get<bool>();
-}
-
-std::string get_string(const nlohmann::json& v, const std::string& key) {
-  if (!v.is_string()) fail(key, " must be a string; got ", v.dump());
-  return v.get<std::string>();
-}
-
-std::string join(const std::vector<std::string>& names) {
-  std::string out;
-  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
-  return out;
-}
+using mola::detail::join;
 
 }  // namespace
 
@@ -71,33 +47,33 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
   if (!j.is_object()) fail("expected a JSON object of settings; got ", j.dump());
   TrainOptions o;
   for (const auto& [key, v] : j.items()) {
-    if (key == "epochs") o.epochs = get_int(v, key);
-    else if (key == "max_steps") o.max_steps = get_int(v, key);
-    else if (key == "batch_size") o.batch_size = get_int(v, key);
-    else if (key == "micro_batch_size") o.micro_batch_size = get_int(v, key);
-    else if (key == "lr") o.lr = get_number(v, key);
-    else if (key == "warmup_steps") o.warmup_steps = get_int(v, key);
-    else if (key == "schedule") o.schedule = get_string(v, key);
-    else if (key == "weight_decay") o.weight_decay = get_number(v, key);
-    else if (key == "max_grad_norm") o.max_grad_norm = get_number(v, key);
-    else if (key == "adam_beta1") o.adam_beta1 = get_number(v, key);
-    else if (key == "adam_beta2") o.adam_beta2 = get_number(v, key);
-    else if (key == "adam_epsilon") o.adam_epsilon = get_number(v, key);
-    else if (key == "seed") o.seed = get_int(v, key);
-    else if (key == "group_by_length") o.group_by_length = get_bool(v, key);
-    else if (key == "log_every") o.log_every = get_int(v, key);
-    else if (key == "eval_every") o.eval_every = get_int(v, key);
-    else if (key == "save_every") o.save_every = get_int(v, key);
-    else if (key == "save_total_limit") o.save_total_limit = get_int(v, key);
+    if (key == "epochs") o.epochs = fields.integer(v, key);
+    else if (key == "max_steps") o.max_steps = fields.integer(v, key);
+    else if (key == "batch_size") o.batch_size = fields.integer(v, key);
+    else if (key == "micro_batch_size") o.micro_batch_size = fields.integer(v, key);
+    else if (key == "lr") o.lr = fields.number(v, key);
+    else if (key == "warmup_steps") o.warmup_steps = fields.integer(v, key);
+    else if (key == "schedule") o.schedule = fields.string(v, key);
+    else if (key == "weight_decay") o.weight_decay = fields.number(v, key);
+    else if (key == "max_grad_norm") o.max_grad_norm = fields.number(v, key);
+    else if (key == "adam_beta1") o.adam_beta1 = fields.number(v, key);
+    else if (key == "adam_beta2") o.adam_beta2 = fields.number(v, key);
+    else if (key == "adam_epsilon") o.adam_epsilon = fields.number(v, key);
+    else if (key == "seed") o.seed = fields.integer(v, key);
+    else if (key == "group_by_length") o.group_by_length = fields.boolean(v, key);
+    else if (key == "log_every") o.log_every = fields.integer(v, key);
+    else if (key == "eval_every") o.eval_every = fields.integer(v, key);
+    else if (key == "save_every") o.save_every = fields.integer(v, key);
+    else if (key == "save_total_limit") o.save_total_limit = fields.integer(v, key);
     else if (key == "resume") {
       if (v.is_boolean()) o.resume = v.get<bool>();
       else if (v.is_string()) o.resume = v.get<std::string>();
       else fail("resume must be false, true or the path of a checkpoint directory; got ", v.dump());
-    } else if (key == "overwrite_output_dir") o.overwrite_output_dir = get_bool(v, key);
-    else if (key == "init_adapter") o.init_adapter = get_string(v, key);
-    else if (key == "trainable") o.trainable = get_string(v, key);
+    } else if (key == "overwrite_output_dir") o.overwrite_output_dir = fields.boolean(v, key);
+    else if (key == "init_adapter") o.init_adapter = fields.string(v, key);
+    else if (key == "trainable") o.trainable = fields.string(v, key);
     else
-      fail("unknown key \"", key, "\"; did you mean \"", detail::nearest_name(key, keys()), "\"? (valid keys: ",
+      fail("unknown key \"", key, "\"; did you mean \"", mola::detail::nearest_name(key, keys()), "\"? (valid keys: ",
            join(keys()), ")");
   }
   o.validate();
@@ -148,7 +124,7 @@ void TrainOptions::validate() const {
   for (const auto& s : schedules()) known = known || s == schedule;
   if (!known)
     fail("schedule \"", schedule, "\" is unknown; use one of ", join(schedules()), " (did you mean \"",
-         detail::nearest_name(schedule, schedules()), "\"?)");
+         mola::detail::nearest_name(schedule, schedules()), "\"?)");
   if (!std::isfinite(weight_decay) || weight_decay < 0) fail("weight_decay is ", weight_decay, "; it must be >= 0");
   if (!std::isfinite(max_grad_norm) || max_grad_norm < 0)
     fail("max_grad_norm is ", max_grad_norm, "; it must be >= 0 (0 turns clipping off)");
@@ -165,7 +141,7 @@ void TrainOptions::validate() const {
   if (std::find(trainables().begin(), trainables().end(), trainable) == trainables().end())
     fail("trainable \"", trainable, "\" is unknown; use one of ", join(trainables()),
          " (all: routers and experts; experts: routers frozen; routers: experts frozen; did you mean \"",
-         detail::nearest_name(trainable, trainables()), "\"?)");
+         mola::detail::nearest_name(trainable, trainables()), "\"?)");
   if (std::holds_alternative<std::string>(resume) && std::get<std::string>(resume).empty())
     fail("resume is an empty path; give false, true (the newest checkpoint in the output directory) or a path");
 }

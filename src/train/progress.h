@@ -1,4 +1,4 @@
-// The trainer's output (design.md 8): metrics.jsonl, one JSON object per line,
+// The trainer's output (docs/recipes.md): metrics.jsonl, one JSON object per line,
 // appended; and progress on stderr, a bar redrawn in place when stderr is a
 // terminal, plain lines every log_every steps when it is a file or a pipe
 // (where carriage returns would fill logs with redraws).

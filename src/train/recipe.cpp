@@ -6,6 +6,8 @@
 
 #include <mola/models/config.h>
 
+#include "detail/text.h"
+
 #include <sys/stat.h>
 
 #include <fstream>
@@ -16,13 +18,12 @@
 namespace mola::train {
 namespace {
 
-std::string quote(const std::string& s) { return "'" + s + "'"; }
+using mola::detail::join;
+using mola::detail::quote;
 
 template <class... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
-  std::ostringstream o;
-  (o << ... << parts);
-  throw ConfigError(o.str());
+  mola::detail::raise<ConfigError>(parts...);
 }
 
 bool exists(const std::string& p) {
@@ -36,12 +37,6 @@ std::string parent_dir(const std::string& p) {
   return slash == 0 ? "/" : p.substr(0, slash);
 }
 
-std::string join(const std::vector<std::string>& names) {
-  std::string s;
-  for (const auto& n : names) s += (s.empty() ? "" : ", ") + n;
-  return s;
-}
-
 // Unknown keys of `j` (an object) are errors naming the nearest valid key.
 void check_keys(const nlohmann::json& j, const std::string& section, const std::vector<std::string>& valid) {
   if (!j.is_object()) fail("recipe: ", quote(section), " must be a JSON object, got ", j.type_name());
@@ -50,7 +45,7 @@ void check_keys(const nlohmann::json& j, const std::string& section, const std::
     for (const auto& v : valid) known = known || v == key;
     if (!known)
       fail("recipe: unknown key ", quote(section.empty() ? key : section + "." + key), "; did you mean ",
-           quote((section.empty() ? "" : section + ".") + detail::nearest_name(key, valid)), "? (valid: ",
+           quote((section.empty() ? "" : section + ".") + mola::detail::nearest_name(key, valid)), "? (valid: ",
            join(valid), ")");
   }
 }
@@ -83,6 +78,7 @@ ModelSection parse_model(const nlohmann::json& j) {
   m.config = get<std::string>(j, "model", "config", "");
   m.dtype = get<std::string>(j, "model", "dtype", m.dtype);
   m.device = get<std::string>(j, "model", "device", m.device);
+  m.quantize = get<std::string>(j, "model", "quantize", m.quantize);
   m.gradient_checkpointing = get<bool>(j, "model", "gradient_checkpointing", false);
   m.seed = get<int64_t>(j, "model", "seed", 0);
   if (m.path.empty() == m.config.empty())
@@ -93,6 +89,12 @@ ModelSection parse_model(const nlohmann::json& j) {
     fail("recipe: 'model.dtype' must be float32, bfloat16 or float16, got ", quote(m.dtype));
   if (m.device != "cpu" && m.device.rfind("cuda", 0) != 0)
     fail("recipe: 'model.device' must be cpu, cuda or cuda:N, got ", quote(m.device));
+  if (m.quantize != "none" && m.quantize != "nf4" && m.quantize != "int8")
+    fail("recipe: 'model.quantize' must be none, nf4 or int8, got ", quote(m.quantize), "; did you mean ",
+         quote(mola::detail::nearest_name(m.quantize, {"none", "nf4", "int8"})), "?");
+  if (m.quantize != "none" && m.path.empty())
+    fail("recipe: 'model.quantize' (", m.quantize, ") quantizes a checkpoint's weights as they load; it needs "
+         "'model.path', not 'model.config'");
   return m;
 }
 
@@ -120,7 +122,7 @@ DataSection parse_data(const nlohmann::json& j) {
   if (!known_task) {
     std::vector<std::string> valid{"auto", "instruction"};
     for (const auto& t : data::task_names()) valid.push_back(t);
-    fail("recipe: unknown 'data.task' ", quote(d.task), "; did you mean ", quote(detail::nearest_name(d.task, valid)),
+    fail("recipe: unknown 'data.task' ", quote(d.task), "; did you mean ", quote(mola::detail::nearest_name(d.task, valid)),
          "? (valid: ", join(valid), ")");
   }
   return d;
@@ -155,7 +157,8 @@ nlohmann::json parse_override_value(const std::string& assignment, const std::st
 }  // namespace
 
 const std::vector<std::string>& ModelSection::keys() {
-  static const std::vector<std::string> k{"path", "config", "dtype", "device", "gradient_checkpointing", "seed"};
+  static const std::vector<std::string> k{"path",     "config", "dtype", "device", "quantize", "gradient_checkpointing",
+                                          "seed"};
   return k;
 }
 
@@ -319,7 +322,7 @@ void apply_override(nlohmann::json& recipe, const std::string& assignment) {
   for (const auto& k : Recipe::keys()) known = known || k == parts[0];
   if (!known)
     fail("--set ", quote(assignment), ": unknown section ", quote(parts[0]), "; did you mean ",
-         quote(detail::nearest_name(parts[0], Recipe::keys())), "? (valid: ", join(Recipe::keys()), ")");
+         quote(mola::detail::nearest_name(parts[0], Recipe::keys())), "? (valid: ", join(Recipe::keys()), ")");
   if (!recipe.is_object()) fail("--set ", quote(assignment), ": the recipe is not a JSON object");
   nlohmann::json* node = &recipe;
   for (size_t i = 0; i + 1 < parts.size(); ++i) {

@@ -1,6 +1,6 @@
 // run_train, run_eval, load_model (mola/train/run.h): a recipe from files on
 // disk to a trained adapter, its evaluation and the numbers the report plots.
-// The command line itself is in src/train/command.cpp.
+// The command line itself is in src/cli/command.cpp (mola/cli.h).
 #include "mola/train/run.h"
 
 #include <mola/io/safetensors.h>
@@ -36,7 +36,7 @@ void make_dirs(const std::string& dir) {
   }
 }
 
-// Writes `j` to path via a temporary name and a rename (design.md 10).
+// Writes `j` to path via a temporary name and a rename (docs/design.md, Reliability).
 void write_json(const std::string& path, const nlohmann::json& j) {
   const std::string tmp = path + ".tmp";
   {
@@ -228,7 +228,8 @@ std::shared_ptr<models::CausalLMImpl> load_model(const Recipe& recipe) {
   std::shared_ptr<models::CausalLMImpl> model;
   if (!recipe.model.path.empty()) {
     model = models::CausalLMImpl::from_pretrained(recipe.resolve_path(recipe.model.path),
-                                                  dtype_of(recipe.model.dtype), device);
+                                                  dtype_of(recipe.model.dtype), device,
+                                                  quant::parse_kind(recipe.model.quantize));
   } else {
     torch::manual_seed(recipe.model.seed);
     model = std::make_shared<models::CausalLMImpl>(
@@ -250,7 +251,7 @@ nlohmann::json run_train(const Recipe& recipe, const c10::intrusive_ptr<c10d::Pr
   if (!recipe.data.domains.empty()) return run_continual(recipe, group);
   const bool main = !group || group->getRank() == 0;  // the rank that evaluates and writes
   // Every input is read and checked before anything is written, so a bad one
-  // leaves no output directory behind (design.md 10), and a fresh run never
+  // leaves no output directory behind (docs/design.md, Reliability), and a fresh run never
   // mixes with another one in the same directory.
   if (main) {
     check_output_dir(recipe);

@@ -1,8 +1,9 @@
-// Tests for mola/config.h: preset expansion (design.md 2.3), every malformed
+// Tests for mola/config.h: preset expansion (docs/design.md, The MoLA layer), every malformed
 // input with the content of its message, JSON round trips, file errors and the
 // LLaMA-2-7B parameter counts the MoLA papers report. No torch needed, so these
 // run in any build.
 #include "mola/config.h"
+#include "detail/text.h"
 
 #include <gtest/gtest.h>
 

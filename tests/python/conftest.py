@@ -1,8 +1,14 @@
-"""pytest set-up shared by the Python tests."""
+"""pytest set-up shared by the Python tests. The tests mirror the sources:
+ops/, models/, nn/ (the Python layer, inject and the adapter files),
+train/, data/, io/, cli/ and docs/; tiny_models.py, beside this file, is
+shared by all of them."""
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_models, from any subfolder
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Pure-PyTorch oracles that the tests and benchmarks compare mola against.
 
 Nothing here imports mola: these files are written from the method
-descriptions (shared/methods.md) so that a bug in the C++ op cannot hide
+descriptions (docs/design.md, Fidelity to the papers and the authors' code) so that a bug in the C++ op cannot hide
 in its own oracle.
 """

@@ -2,18 +2,18 @@
 
 This is the oracle the mola op is tested against (tests/python) and the
 "reference loop" row of the layer benchmark (bench/layer.py). It follows
-shared/methods.md 1.1-1.2, which records what the authors' code
+docs/design.md, Fidelity to the papers and the authors' code, which records what the authors' code
 (GCYZSL/MoLA, src/mola_*_hacked.py) does:
 
 * router logits z = x Wr^T, no bias, no dropout on the router input;
 * p = softmax(z) in fp32, (w, idx) = topk(p, k), w renormalised over the
   selected experts and cast back to x's dtype; when k >= E the weights are
-  the plain softmax over all experts (methods.md 1.1);
+  the plain softmax over all experts (docs/design.md, Fidelity to the papers and the authors' code);
 * for each expert e: gather the tokens routed to e, run
   scaling * B_e(A_e(dropout(x))), multiply by the routing weight and
   index_add into the output; the frozen base x W^T + b is added;
 * the load-balancing loss per layer is E * sum_e f_e * Pbar_e and the layers
-  are summed, not averaged (methods.md 1.2).
+  are summed, not averaged (docs/design.md, Fidelity to the papers and the authors' code).
 
 The loop is deliberately the slow, host-syncing shape of the original: a
 nonzero() per expert and a `numel() == 0` check before each expert's matmuls.
@@ -35,13 +35,13 @@ __all__ = [
 
 
 def _router_dtype(dtype):
-    # The authors compute the router softmax in fp32 (methods.md 1.1); a
+    # The authors compute the router softmax in fp32 (docs/design.md, Fidelity to the papers and the authors' code); a
     # float64 input stays in float64 so that float64 tests can ask for 1e-10.
     return torch.promote_types(dtype, torch.float32)
 
 
 def reference_route(router_logits, top_k):
-    """Routing of methods.md 1.1 on logits [T, E].
+    """Routing of docs/design.md, Fidelity to the papers and the authors' code on logits [T, E].
 
     Returns (weights [T, k], indices [T, k], gate [T, E]) in the router dtype
     (fp32, or fp64 for fp64 logits). gate holds the weight of each chosen
@@ -112,7 +112,7 @@ def reference_moe_lora(x, weight, bias, router, lora_a, lora_b, top_k, scaling, 
 
 
 def reference_load_balancing_loss(logits_list, top_k_list, coef, mask=None):
-    """coef * sum_l E_l * sum_e f_e * Pbar_e (methods.md 1.2), written plainly.
+    """coef * sum_l E_l * sum_e f_e * Pbar_e (docs/design.md, Fidelity to the papers and the authors' code), written plainly.
 
     logits_list[l] is [N_l, E_l]: the logits of all adapted modules of layer l
     stacked along rows. mask (bool [N], True = a real token) drops padding
@@ -179,7 +179,7 @@ class ReferenceMoLALinear(nn.Module):
 
     def reset_parameters(self):
         # LoRA init as in the authors' code: A and the router Kaiming-uniform
-        # (a = sqrt(5), i.e. nn.Linear's default), B zero (methods.md 1.1).
+        # (a = sqrt(5), i.e. nn.Linear's default), B zero (docs/design.md, Fidelity to the papers and the authors' code).
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
         with torch.no_grad():
             for expert in range(self.num_experts):

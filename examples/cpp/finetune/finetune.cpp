@@ -1,4 +1,4 @@
-// Fine-tuning from C++ (design.md 6.2), built against the installed package
+// Fine-tuning from C++ (docs/cpp.md), built against the installed package
 // (find_package(mola), examples/cpp/finetune/CMakeLists.txt): load the bundled
 // pretrained tiny llama (data/models/stories260K, a Hugging Face checkpoint
 // directory), attach a MoLA adapter, train it on ScienceQA with mola::Trainer,

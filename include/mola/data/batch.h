@@ -1,5 +1,5 @@
 // mola/data/batch.h: turning tokenised Examples into padded batches, and the
-// order in which a run visits them (design.md 8, methods.md 1.6).
+// order in which a run visits them (docs/recipes.md, docs/design.md, Fidelity to the papers and the authors' code).
 //
 //   collate       transformers' DataCollatorForSeq2Seq(pad_to_multiple_of=8):
 //                 pad on the right with pad_id, attention_mask 0 and labels

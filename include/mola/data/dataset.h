@@ -1,4 +1,4 @@
-// mola/data/dataset.h: instruction data (design.md 8, methods.md 1.6-1.7).
+// mola/data/dataset.h: instruction data (docs/recipes.md, docs/design.md, Fidelity to the papers and the authors' code).
 // Rows come from JSON Lines files: instruction / input / output (and answer)
 // as the authors' data, or one of the bundled task schemas (data/README.md)
 // converted to the authors' format ("Context: / Question: / Options: (A) ..."
@@ -39,7 +39,7 @@ struct PromptTemplate {
   // Reads a template JSON file; errors name the file and the missing key.
   static PromptTemplate from_json_file(const std::string& path);
   // The "raw" template of the instruction stage: the instruction itself, no
-  // framing (methods.md 1.6 b).
+  // framing (docs/design.md, Fidelity to the papers and the authors' code).
   static PromptTemplate raw();
 
   // The prompt for (instruction, input), followed by `output` (empty for the
@@ -65,7 +65,7 @@ std::vector<Row> load_rows(const std::string& path, const std::string& task = "a
 // The value of `field` in every row of a JSON Lines file, in load_rows'
 // order (blank lines skipped): strings as they are, numbers written out. For
 // splitting a task by a column, e.g. ScienceQA's "topic" for the continual-
-// learning sequence (design.md 8.1). A row without the field, or with another
+// learning sequence (docs/recipes.md). A row without the field, or with another
 // type, is a DataError naming the file, the line and the field.
 std::vector<std::string> load_field(const std::string& path, const std::string& field);
 

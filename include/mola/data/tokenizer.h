@@ -1,5 +1,5 @@
 // mola/data/tokenizer.h: the SentencePiece tokenizer that llama, mistral and
-// gemma checkpoints ship as tokenizer.model (design.md 8), through the
+// gemma checkpoints ship as tokenizer.model (docs/recipes.md), through the
 // SentencePiece C++ library. The processor is held behind a pointer so this
 // header does not pull in sentencepiece_processor.h.
 //

@@ -1,11 +1,11 @@
 // mola/io/safetensors.h: reading and writing the safetensors format (Hugging
-// Face's model and adapter files, design.md 6.4), single files and sharded
+// Face's model and adapter files, docs/design.md, The adapter files), single files and sharded
 // checkpoints with a model.safetensors.index.json.
 //
 // Why a reader of our own rather than a binding: the format is an 8-byte
 // length, a JSON header and raw little-endian bytes, so a reader is small, and
 // owning it lets every malformed file become an error that names the file, the
-// tensor, what is wrong and the fix (design.md 10), never a crash or a read
+// tensor, what is wrong and the fix (docs/design.md, Reliability), never a crash or a read
 // past the end. Files are memory-mapped, so opening a 14 GB checkpoint reads
 // only its header; get() copies one tensor out, so the tensors outlive the
 // file; load() may instead hand out a view of the mapped bytes (a frozen base
@@ -73,6 +73,12 @@ class SafetensorsFile {
   // long as the tensor lives and reads its pages only when used; else a copy,
   // as get(). viewed() says which one the last call gave.
   at::Tensor load(const std::string& name, at::ScalarType dtype, at::Device device = at::kCPU) const;
+  // Tells the kernel this process is done with tensor `name`'s pages of the
+  // map (madvise DONTNEED, whole pages inside its bytes only): they leave the
+  // resident set, and are read from the file again if touched. For a tensor
+  // that was copied out (get) and will not be viewed; views load() handed out
+  // stay valid, since the map is private and unwritten pages come from the file.
+  void release_pages(const std::string& name) const;
   // The optional "__metadata__" object (string -> string); empty when absent.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 

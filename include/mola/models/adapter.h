@@ -1,4 +1,4 @@
-// mola/models/adapter.h: a CausalLM's adapter on disk (design.md 6.4), the two
+// mola/models/adapter.h: a CausalLM's adapter on disk (docs/design.md, The adapter files), the two
 // files any mola adapter is, whichever path (C++ model or mola.inject on a
 // transformers model) trained it:
 //   adapter_config.json        the ResolvedAdapter (method, per-layer experts,
@@ -50,7 +50,7 @@ void load_adapter(CausalLMImpl& model, const std::string& dir, bool is_trainable
 }  // namespace mola::models
 
 namespace mola {
-// As the C++ API is spelled in design.md 6.2: mola::save_adapter(*model, "out/").
+// As the C++ API is spelled in docs/cpp.md: mola::save_adapter(*model, "out/").
 using models::load_adapter;
 using models::save_adapter;
 }  // namespace mola

@@ -1,6 +1,6 @@
 // mola/models/config.h: ModelConfig, the architecture of a base model as read
 // from a Hugging Face checkpoint's config.json, for the three families the
-// decoder implements (design.md 7): llama, mistral, gemma.
+// decoder implements (docs/design.md, Models and loading): llama, mistral, gemma.
 //
 // No torch header here or in src/models/config.cpp, like mola/config.h: the
 // command and the recipe loader read model configs too, and the parse rules
@@ -61,6 +61,11 @@ struct ModelConfig {
   std::string hidden_act;  // as written: "silu", "gelu", "gelu_pytorch_tanh"
   Activation activation = Activation::kSiLU;
   bool tie_word_embeddings = false;  // gemma: true by default
+  // What sets a family apart, filled in by the reader from model_type so the
+  // decoder asks these, never the family (a new family touches the reader
+  // and its tests only). Not config.json keys: to_json leaves them out.
+  bool scale_embeddings = false;  // gemma: embeddings times sqrt(hidden_size), rounded to the dtype
+  bool norm_unit_offset = false;  // gemma: RMSNorm scales by (1 + weight), not weight
   bool attention_bias = false;       // bias on q/k/v/o_proj
   bool mlp_bias = false;             // bias on gate/up/down_proj (llama)
 

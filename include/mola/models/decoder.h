@@ -1,10 +1,10 @@
 // mola/models/decoder.h: the decoder-only transformer behind mola's
 // CausalLM, one implementation with variants for llama, mistral and gemma
-// (design.md 7), selected by ModelConfig::family.
+// (docs/design.md, Models and loading), selected by ModelConfig::family.
 //
 // Modules carry Hugging Face's names, so named_parameters() keys equal the
 // checkpoint's keys ("model.layers.3.self_attn.q_proj.weight") and adapters
-// named after the same module paths (design.md 6.4) find their layer.
+// named after the same module paths (docs/design.md, The adapter files) find their layer.
 //
 // The family differences are small and kept in one place each:
 //   RMSNorm   gemma scales by (1 + w) in fp32; llama/mistral cast, then scale by w
@@ -12,7 +12,7 @@
 //   attention mistral's sliding window
 //   model     gemma multiplies the embeddings by sqrt(hidden_size) and ties lm_head
 //
-// Adapters (design.md 2.1, 6.4): each of the seven projections is an
+// Adapters (docs/design.md, The MoLA layer, 6.4): each of the seven projections is an
 // AdaptableLinear that keeps its "weight" (and "bias") under the checkpoint's
 // name and gains a child "mola" (nn::MoLAAdapter) when CausalLM::attach adds
 // one. attach, aux_loss and the adapter files are in src/models/adapter.cpp
@@ -28,6 +28,7 @@
 #include <mola/models/config.h>
 #include <mola/nn/moe_lora_linear.h>
 #include <mola/nn/molex.h>
+#include <mola/quant.h>
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -51,7 +52,7 @@ struct KVCache {
   std::vector<at::Tensor> keys, values;  // one per layer; undefined before the first forward
   int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
 
-  // MoLEx (design.md 3): the gate of layer t picks j from the prompt at
+  // MoLEx (docs/design.md, MoLEx): the gate of layer t picks j from the prompt at
   // prefill and keeps it for every generated token; the second block u_j
   // sees layer t's input, so its keys and values are its own, cached per
   // (t, group of rows that chose the same j). Empty without MoLEx.
@@ -82,9 +83,15 @@ class AdaptableLinearImpl : public torch::nn::Module {
   bool attached() const { return !mola.is_empty(); }
   // The layer without its adapter: x W^T + b (with PiSSA, W plus its principal part).
   at::Tensor base_forward(const at::Tensor& x);
+  // Holds the weight as `q` from now on (CausalLM::from_pretrained's
+  // quantize): "weight" becomes an empty frozen tensor of the compute dtype,
+  // the base runs through quant::linear and an adapter through the op's
+  // base-free form (mola/ops.h).
+  void set_quantized(quant::QuantizedWeight q);
 
   int64_t in_features, out_features;
   at::Tensor weight, bias;  // bias undefined when the layer has none
+  std::shared_ptr<const quant::QuantizedWeight> quantized;  // null: `weight` holds the base
   nn::MoLAAdapter mola{nullptr};
   bool adapter_enabled = true;  // false: forward is base_forward (CausalLM::set_adapter_enabled)
 };
@@ -169,7 +176,7 @@ at::Tensor checkpointed_layer_forward(DecoderLayerImpl& layer, const at::Tensor&
 
 class DecoderModelImpl;
 
-// Layer t of `model` under MoLEx (design.md 3, mola/nn/molex.h):
+// Layer t of `model` under MoLEx (docs/design.md, MoLEx, mola/nn/molex.h):
 // alpha * u_t(z) + (1 - alpha) * u_j(z), j from layer t's gate. padding
 // [batch, seq] bool (true = token) feeds the gate's pooling (undefined: no
 // padding). Rows that chose the same j run u_j as one batched call (one host
@@ -242,8 +249,16 @@ class CausalLMImpl : public torch::nn::Module {
   // buffers and a tied lm_head.weight excepted). Throws
   // ModelFileNotFoundError, ModelConfigError, io::SafetensorsError or
   // std::invalid_argument naming the key and both shapes.
+  // quantize (int8 or nf4, CPU only) stores the seven projection weights of
+  // every layer quantized (mola/quant.h), each read from the file and
+  // quantized one tensor at a time, from the file's values; embeddings, norms and the head stay in
+  // `dtype`; double_quant (nf4) stores the block absmaxes as 8-bit codes.
+  // Such a model trains adapters as any other but cannot be copied (state()
+  // throws).
   static std::shared_ptr<CausalLMImpl> from_pretrained(const std::string& dir, at::ScalarType dtype = at::kFloat,
-                                                       at::Device device = at::kCPU);
+                                                       at::Device device = at::kCPU,
+                                                       quant::Kind quantize = quant::Kind::kNone,
+                                                       bool double_quant = true);
 
   // input_ids [batch, seq] (int64); attention_mask [batch, seq] with 1 for
   // tokens and 0 for padding; labels [batch, seq] with -100 where no loss is
@@ -306,7 +321,12 @@ class CausalLMImpl : public torch::nn::Module {
   // them), so resident memory grows with what the model touches, up to the
   // weights' size. Any other tensor is converted one at a time; onto a GPU
   // the host holds one shard's mapping at a time.
-  void load_checkpoint(const std::string& dir, at::ScalarType dtype, at::Device device);
+  // With quantize, each projection weight is quantized where it lies in the
+  // map, and its pages of the map let go at once (see from_pretrained).
+  void load_checkpoint(const std::string& dir, at::ScalarType dtype, at::Device device,
+                       quant::Kind quantize = quant::Kind::kNone, bool double_quant = true);
+  // How the projection weights are held (kNone: dense, in the model's dtype).
+  quant::Kind quantization() const { return quantization_; }
 
   const ModelConfig& config() const { return model->config; }
 
@@ -322,7 +342,7 @@ class CausalLMImpl : public torch::nn::Module {
   // The attached adapter's settings, base_model_name filled in; throws
   // std::logic_error without one.
   const ResolvedAdapter& adapter_config() const;
-  // The load-balancing loss (design.md 2.2). Which forwards count: every
+  // The load-balancing loss (docs/design.md, The balance loss). Which forwards count: every
   // training forward (training mode, grad mode on) since the loss was last
   // taken, balanced together as one batch of their tokens (two sequences
   // scored separately before one backward); without one, the last forward.
@@ -342,6 +362,18 @@ class CausalLMImpl : public torch::nn::Module {
   // layer its own block) and on again. The adapter stays attached.
   void set_adapter_enabled(bool enabled);
   bool adapter_enabled() const { return adapter_enabled_; }
+  // Which adapter tensors train (docs/recipes.md, Training variants):
+  // "all" (routers and experts), "experts" (A and B; routers and MoLEx gates
+  // frozen) or "routers" (experts frozen); one of train::TrainOptions::trainables().
+  // Sets requires_grad on the adapter's tensors; the base stays as it is
+  // (frozen since attach). Returns the adapter elements that now train and
+  // that are frozen. Throws std::invalid_argument for another value,
+  // std::logic_error without an adapter.
+  struct TrainableCounts {
+    int64_t trainable = 0;
+    int64_t frozen = 0;
+  };
+  TrainableCounts set_trainable(const std::string& which);
   // Removes the adapter: the projections lose their "mola" child (a PiSSA
   // base gets its principal part back), the layers their MoLEx gate, and
   // every base parameter trains again, as before attach. Throws
@@ -366,9 +398,10 @@ class CausalLMImpl : public torch::nn::Module {
  private:
   std::optional<ResolvedAdapter> adapter_;
   bool adapter_enabled_ = true;
+  quant::Kind quantization_ = quant::Kind::kNone;
 };
 // The module holder (what TORCH_MODULE(CausalLM) would make) with
-// from_pretrained, so that C++ reads as design.md 6.2:
+// from_pretrained, so that C++ reads as docs/cpp.md:
 //   auto model = mola::CausalLM::from_pretrained(dir, torch::kBFloat16, torch::kCUDA);
 //   model->attach(cfg);
 class CausalLM : public torch::nn::ModuleHolder<CausalLMImpl> {

@@ -1,12 +1,12 @@
 // mola::nn::MoLALinear: a frozen linear layer with a router and E LoRA experts
-// (design 2.1), thin over mola::ops::moe_lora. Its parameter names equal the
+// (docs/design.md, The MoLA layer), thin over mola::ops::moe_lora. Its parameter names equal the
 // Python mola.MoLALinear's (base.weight, base.bias, router, lora_a, lora_b), so
 // state dicts move between the two.
 //
 // MoLAAdapter is the same layer without the base: the router and the experts,
 // applied to a weight owned by someone else. The C++ models use it, as the child
 // "mola" of a projection that keeps its own "weight", so checkpoint keys stay
-// Hugging Face's and adapter keys read "...q_proj.mola.lora_a" (design.md 6.4).
+// Hugging Face's and adapter keys read "...q_proj.mola.lora_a" (docs/design.md, The adapter files).
 // Both modules share the checks, the initialisation and the op call below.
 #pragma once
 
@@ -52,7 +52,7 @@ struct MoLALinearOptions {
 namespace detail {
 // The option checks both modules apply; messages start with `who`.
 void check_options(const MoLALinearOptions& options, const char* who);
-// LoRA's initialisation (methods.md 1.1, the authors' code): router and A
+// LoRA's initialisation (docs/design.md, Fidelity to the papers and the authors' code, the authors' code): router and A
 // Kaiming-uniform with a = sqrt(5) per expert matrix, i.e. U(-1/sqrt(in),
 // 1/sqrt(in)); B zero, so a fresh adapter computes exactly the base layer.
 // init "gaussian" draws A from N(0, std 1/r) instead (PEFT's

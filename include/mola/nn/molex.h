@@ -1,5 +1,5 @@
 // mola/nn/molex.h: the gate of MoLEx, mixture of layer experts (Teo and
-// Nguyen, ICLR 2025; design.md 3). At decoder layer t the gate looks at the
+// Nguyen, ICLR 2025; docs/design.md, MoLEx). At decoder layer t the gate looks at the
 // layer input z_t, picks one layer j of the model (top-1), and the layer's
 // output becomes
 //
@@ -12,7 +12,7 @@
 // while mola.inject's transformers wrapper mirrors it in Python
 // (python/mola/molex.py; same parameter names, same arithmetic).
 //
-// Choices marked "ours" are not in the paper's available text (methods.md 5):
+// Choices marked "ours" are not in the paper's available text (docs/design.md, MoLEx):
 //   pool        "mean" (ours, default): mean of z_t over non-padding tokens;
 //               "last": the last non-padding token (right or left padding);
 //               "token": every token routed on its own
@@ -20,7 +20,7 @@
 //               zero bias (ours): no layer is favoured a priori, the argmax
 //               depends on the input, so choices spread over layers
 //   routing     logits and softmax in fp32 whatever the model's dtype, as
-//               MoLA's router (design.md 4, "Precision")
+//               MoLA's router (docs/design.md, Strategies and kernels, "Precision")
 //   gate_grad   "straight_through" (ours, default): the chosen block times
 //               p_j / stop_gradient(p_j), value exactly 1; "prob": times p_j
 //               (Switch Transformer style; the forward value then is

@@ -1,4 +1,4 @@
-// mola/train/eval_options.h: the "eval" section of a recipe (design.md 6.3)
+// mola/train/eval_options.h: the "eval" section of a recipe (docs/recipes.md)
 // and its strict JSON form. Split from evaluate.h so that it needs no torch
 // header: the recipe reader (and its fuzz target, tests/fuzz) parses it
 // without compiling the model.
@@ -16,7 +16,7 @@ namespace mola::train {
 
 // The "eval" section of a recipe. JSON keys equal the field names.
 struct EvalOptions {
-  int64_t batch_size = 8;        // rows per generation batch, sequences per scoring batch (methods.md 1.7)
+  int64_t batch_size = 8;        // rows per generation batch, sequences per scoring batch (docs/design.md, Fidelity to the papers and the authors' code)
   int64_t max_new_tokens = 128;  // generation length, as the authors'
   int64_t max_examples = 0;      // the first N rows only; 0: all
   std::vector<std::string> methods = {"generate", "loglik"};  // a non-empty subset of method_names()

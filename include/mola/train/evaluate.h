@@ -1,6 +1,6 @@
 // mola/train/evaluate.h: accuracy on multiple-choice and classification rows
-// (design.md 8), computed two ways and reported side by side:
-//   generate  the authors' protocol (methods.md 1.7): greedy generation in
+// (docs/recipes.md), computed two ways and reported side by side:
+//   generate  the authors' protocol (docs/design.md, Fidelity to the papers and the authors' code): greedy generation in
 //             left-padded batches, the text after the template's
 //             response_split matched with `The answer is ([A-Z]).`, exactly
 //             one match required ("FAILED", counted wrong, otherwise);
@@ -10,7 +10,7 @@
 //             model knows from whether it keeps the answer format.
 // Plus the majority-class baseline of the rows, to read both against.
 //
-// The options are a recipe's "eval" section (design.md 6.3); EvalResult's JSON
+// The options are a recipe's "eval" section (docs/recipes.md); EvalResult's JSON
 // is eval.json, its predictions eval_predictions.jsonl.
 #pragma once
 

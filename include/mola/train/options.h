@@ -1,7 +1,7 @@
-// mola/train/options.h: the "train" section of a recipe (design.md 6.3) as a
+// mola/train/options.h: the "train" section of a recipe (docs/recipes.md) as a
 // struct, its strict JSON form, and the learning-rate schedules.
 //
-// Defaults follow the authors' scripts (methods.md 1.6): batch 128 = micro 8 x
+// Defaults follow the authors' scripts (docs/design.md, Fidelity to the papers and the authors' code): batch 128 = micro 8 x
 // 16 accumulation steps, lr 3e-4, 100 warmup steps then linear decay, AdamW
 // with transformers' defaults (weight decay 0, betas 0.9/0.999, eps 1e-8),
 // gradients clipped at 1.0, a checkpoint every 200 steps.
@@ -48,8 +48,8 @@ struct TrainOptions {
   // already (its metrics.jsonl would mix two runs); true removes that run's
   // files first (transformers' TrainingArguments.overwrite_output_dir).
   bool overwrite_output_dir = false;
-  std::string init_adapter;  // "" or an adapter directory to start from (design.md 8.1)
-  // What trains (design.md 8.1), one of trainables(): "all" (routers and
+  std::string init_adapter;  // "" or an adapter directory to start from (docs/recipes.md)
+  // What trains (docs/recipes.md), one of trainables(): "all" (routers and
   // experts, the papers'), "experts" (A and B; routers frozen, the authors'
   // unused mark_only_lora_B_as_trainable) or "routers" (experts frozen). The
   // Trainer sets requires_grad on the adapter accordingly; the base is always

@@ -1,7 +1,7 @@
 // mola/train/recipe.h: a recipe, the one JSON file that says everything about
-// a run (design.md 6.3): the base model, its tokenizer, the adapter, the data,
+// a run (docs/recipes.md): the base model, its tokenizer, the adapter, the data,
 // the training and evaluation settings and where the outputs go. The `mola`
-// command, `python -m mola` and `mola.train(recipe, overrides)` all read
+// command, `python -m mola` and `mola.recipes.train(recipe, overrides)` all read
 // recipes through Recipe::from_file, so they accept and refuse the same files.
 //
 //   {"comment": "mola train configs/recipes/tiny/scienceqa-2468.json",
@@ -37,13 +37,14 @@ struct ModelSection {
   std::string config;  // architecture only (random weights, seeded by seed)
   std::string dtype = "float32";  // float32 | bfloat16 | float16
   std::string device = "cpu";     // cpu | cuda | cuda:N
+  std::string quantize = "none";  // none | nf4 | int8: the projection weights held quantized (path only)
   bool gradient_checkpointing = false;
   int64_t seed = 0;  // random initialisation (config) only
 
   static const std::vector<std::string>& keys();
 };
 
-// The data files and how rows become training examples (design.md 8).
+// The data files and how rows become training examples (docs/recipes.md).
 struct DataSection {
   std::string train;       // JSON Lines (required for `mola train`)
   std::string validation;  // optional: validation loss and accuracy during training
@@ -52,7 +53,7 @@ struct DataSection {
   std::string template_name = "alpaca";  // "alpaca", "raw" or a template file (JSON key "template")
   data::DataOptions options;        // cutoff_len, train_on_inputs, add_eos_token
   int64_t max_train_examples = 0;   // 0 = all
-  // Continual learning (design.md 8.1): train on the rows of each domain in
+  // Continual learning (docs/recipes.md): train on the rows of each domain in
   // turn, the value of domain_field in the data files, and evaluate every
   // domain after each stage (run_continual). Empty: one ordinary run.
   std::vector<std::string> domains;

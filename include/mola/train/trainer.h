@@ -1,4 +1,4 @@
-// mola/train/trainer.h: fine-tuning a CausalLM's adapter (design.md 6.2, 8,
+// mola/train/trainer.h: fine-tuning a CausalLM's adapter (docs/cpp.md, docs/recipes.md,
 // 10). One Trainer owns one run in one output directory:
 //
 //   OUTPUT/metrics.jsonl             one JSON object per logged step and per
@@ -17,7 +17,7 @@
 // stepping, and a resumed run continues the interrupted one exactly (data
 // order, dropout RNG, optimizer and schedule state).
 //
-// Distributed (design.md 11): set_process_group joins a torch.distributed
+// Distributed (docs/distributed.md): set_process_group joins a torch.distributed
 // process group (Gloo on the CPU, NCCL on CUDA); N ranks then train as one
 // process on the same global batch, each running its share of the batch's
 // micro-batches (see set_process_group).

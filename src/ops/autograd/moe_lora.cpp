@@ -1,7 +1,7 @@
 // Autograd for mola::moe_lora: a C++ torch::autograd::Function whose forward
 // calls _moe_lora_forward below the autograd key and whose backward calls the
 // registered _moe_lora_backward, so torch.compile, FSDP and C++ callers all see
-// two dispatcher ops rather than opaque code (style.md, the op pattern, step 5).
+// two dispatcher ops rather than opaque code (docs/contributing.md, A new op).
 #include "ops/moe_lora_impl.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -76,7 +76,7 @@ class MoeLoraFunction : public torch::autograd::Function<MoeLoraFunction> {
     if (!grad_y.defined()) {
       // Symbolic sizes, so that a traced backward does not specialise x's shape.
       std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end());
-      shape.back() = weight.sym_size(0);
+      shape.back() = saved[4].sym_size(1);  // lora_b [E, out, r]
       grad_y = at::zeros_symint(shape, x.options());
     }
     auto [gx, gw, gb, gr, ga, gbb] =

@@ -1,6 +1,6 @@
 // The dropout of moe_lora on the CPU, applied in one pass: the Philox mask of
 // kernels/philox.h is generated block by block and multiplied into the data, so
-// no mask tensor is stored between forward and backward (design section 4: the
+// no mask tensor is stored between forward and backward (docs/design.md, Dropout masks and the Philox contract: the
 // mask is regenerated from its seed).
 #pragma once
 

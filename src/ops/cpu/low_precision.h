@@ -11,6 +11,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <functional>
 #include <optional>
 
 namespace mola::detail {
@@ -18,6 +20,18 @@ namespace mola::detail {
 // True for a bf16 / fp16 CPU tensor on a CPU without native support for its
 // dtype's matmul: compute in fp32 instead.
 bool compute_in_fp32_on_cpu(const at::Tensor& t);
+
+// Fills `block` ([n, in], x's dtype) with rows [start, start + n) of a weight
+// kept in another form (16-bit, quantized), converted.
+using RowBlockFill = std::function<void(int64_t start, int64_t n, at::Tensor& block)>;
+
+// x W^T + b for x [T, in] (fp32 or fp64) and a W [out, in] that `fill` gives a
+// block of rows at a time, into a small buffer reused across calls on the
+// thread (no full copy of W is made). b: [out], any float dtype, or none.
+at::Tensor linear_by_blocks(const at::Tensor& x, int64_t out, const RowBlockFill& fill,
+                            const std::optional<at::Tensor>& bias);
+// out += dy W for dy [T, out] (fp32 or fp64), W as linear_by_blocks reads it, into out [T, in].
+void addmm_by_blocks_(at::Tensor& out, const at::Tensor& dy, const RowBlockFill& fill);
 
 // x W^T + b for x fp32 [T, in] and a 16-bit W [out, in] (b [out], any float
 // dtype, or none): fp32 [T, out], W converted block by block.

@@ -1,5 +1,5 @@
 // The moe_lora forward and backward in ATen: readable, device-generic, and the
-// reference the CUDA kernels are tested against. Math: design section 4.
+// reference the CUDA kernels are tested against. Math: docs/design.md, The backward.
 //
 // Dense-masked: every expert on every token, h = x~ A_cat^T [T, E*r], scaled per
 // expert block by s * g[t, e] (g: the [T, E] gate matrix, 0 off the top-k), then
@@ -64,18 +64,6 @@ at::Tensor expert_rows(const at::Tensor& X, const at::Tensor& tok, int64_t e, do
   return (X.index_select(0, tok).to(acc) * mask).to(X.scalar_type());
 }
 
-// [A_cat; Wr]: [E*r + E, in], every expert's A rows then the router's. One GEMM
-// against it reads x once for the expert inputs and the logits. (A first, so the
-// backward's dA is the leading block of [dA; dWr] and needs no copy.)
-at::Tensor shrink_weight(const at::Tensor& router, const at::Tensor& lora_a) {
-  return at::cat({lora_a.reshape({-1, lora_a.size(2)}), router}, 0);
-}
-
-// B [E, out, r] -> B_cat [out, E*r], the expand weight of the dense strategy.
-at::Tensor cat_lora_b(const at::Tensor& lora_b) {
-  return lora_b.permute({1, 0, 2}).reshape({lora_b.size(1), -1});
-}
-
 // The routed (token, slot) pairs grouped by expert: `order` lists flat slot ids
 // t*k + j sorted by expert, `counts` how many each expert got (on the host: the
 // grouped loop needs them to slice; the CUDA kernels sort on the device instead).
@@ -101,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& router, const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t top_k,
     double scaling, double dropout_p, bool training, int64_t compute,
     const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
-  const bool weight_16bit = weight.scalar_type() != x.scalar_type();
-  const int64_t in = x.size(-1), out = weight.size(0), E = router.size(0), r = lora_a.size(1);
+  const bool weight_16bit = has_base(weight) && weight.scalar_type() != x.scalar_type();
+  const int64_t in = x.size(-1), out = lora_b.size(1), E = router.size(0), r = lora_a.size(1);
   const bool per_expert = per_expert_dropout(dropout_p, training, shared_dropout_mask);
   const int64_t mode = static_cast<int64_t>(
       ops::resolve_compute(static_cast<ops::Compute>(compute), E, r, per_expert));
@@ -124,8 +112,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   auto [w, idx, gate] = ops::moe_lora_route(logits, top_k);  // [T,k], [T,k], [T,E]
   // The shared x~ (per-expert masks make each expert's rows below instead).
   at::Tensor Xd = per_expert ? X : dropout_input(X, dropout_p, training, dropout_seed);
-  at::Tensor y = weight_16bit ? linear_from_16bit(X, weight, bias)
-                              : at::linear(X, weight, bias).contiguous();  // [T, out], exactly nn.Linear
+  at::Tensor y = !has_base(weight) ? base_free_output(X, bias, out)
+                 : weight_16bit     ? linear_from_16bit(X, weight, bias)
+                                    : at::linear(X, weight, bias).contiguous();  // [T, out], exactly nn.Linear
 
   if (mode == kDense) {
     if (!hidden.defined()) hidden = at::mm(Xd, lora_a.reshape({E * r, in}).t());  // [T, E*r]
@@ -163,10 +152,13 @@ backward_impl(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_ro
               int64_t top_k, double scaling, double dropout_p, bool training,
               int64_t compute, const std::optional<at::Tensor>& dropout_seed,
               bool shared_dropout_mask, std::array<bool, 6> output_mask) {
-  const bool weight_16bit = weight.scalar_type() != x.scalar_type();
+  const bool base = has_base(weight);
+  const bool weight_16bit = base && weight.scalar_type() != x.scalar_type();
   const bool per_expert = per_expert_dropout(dropout_p, training, shared_dropout_mask);
-  // dy W, or out += dy W: from 16-bit storage block by block when the weight is.
+  // dy W, or out += dy W: from 16-bit storage block by block when the weight
+  // is; nothing (zeros) in the base-free form.
   const auto dy_w = [&](const at::Tensor& dY) {
+    if (!base) return at::zeros({dY.size(0), x.size(-1)}, dY.options());
     if (!weight_16bit) return at::mm(dY, weight);
     at::Tensor out = at::zeros({dY.size(0), weight.size(1)}, dY.options());
     addmm_from_16bit_(out, dY, weight);
@@ -174,10 +166,10 @@ backward_impl(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_ro
   };
   const auto add_dy_w = [&](at::Tensor& out, const at::Tensor& dY) -> at::Tensor& {
     if (weight_16bit) addmm_from_16bit_(out, dY, weight);
-    else out.addmm_(dY, weight);
+    else if (base) out.addmm_(dY, weight);
     return out;
   };
-  const int64_t in = x.size(-1), out = weight.size(0), E = router.size(0), r = lora_a.size(1);
+  const int64_t in = x.size(-1), out = lora_b.size(1), E = router.size(0), r = lora_a.size(1);
   const int64_t mode = static_cast<int64_t>(
       ops::resolve_compute(static_cast<ops::Compute>(compute), E, r, per_expert));
   const auto dtype = x.scalar_type();
@@ -194,7 +186,7 @@ backward_impl(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_ro
   const bool dx_on_experts = need_x && mode == kDense && dropout && X.device().is_cpu();
 
   at::Tensor grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b;
-  if (output_mask[1]) grad_weight = at::mm(dY.t(), X).to(weight.scalar_type());
+  if (output_mask[1] && base) grad_weight = at::mm(dY.t(), X).to(weight.scalar_type());
   if (output_mask[2]) grad_bias = dY.sum(0);
   if (need_x && !dx_on_experts) grad_x = dy_w(dY);  // base: dy W
   if (!(need_x || need_router || need_a || need_b)) {

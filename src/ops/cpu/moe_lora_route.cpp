@@ -30,8 +30,8 @@ void check_route_args(const at::Tensor& logits, int64_t top_k) {
 }  // namespace
 
 // Softmax over all experts in fp32 (fp64 for fp64 logits), top-k, renormalise over the chosen ones: the
-// authors' routing (methods.md 1.1). With k == E every expert is chosen and the
-// weights are the softmax itself, with no renormalisation (methods.md 1.1:
+// authors' routing (docs/design.md, Fidelity to the papers and the authors' code). With k == E every expert is chosen and the
+// weights are the softmax itself, with no renormalisation (docs/design.md, Fidelity to the papers and the authors' code:
 // "routing is dense").
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_route_aten(const at::Tensor& logits,
                                                                    int64_t top_k) {

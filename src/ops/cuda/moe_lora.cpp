@@ -1,5 +1,5 @@
-// moe_lora on CUDA: host glue around the kernels of kernels/moe_lora_dense.cu
-// and kernels/moe_lora_grouped.cu, with cuBLAS (through ATen's mm/addmm, which
+// moe_lora on CUDA: host glue around the kernels in kernels/ (moe_lora_dense,
+// moe_lora_grouped, gate, dropout, moe_lora_route), with cuBLAS (through ATen's mm/addmm, which
 // call it with beta = 1 when they accumulate) for the wide products. The math
 // and the ATen oracle are in src/ops/cpu/moe_lora.cpp; this file mirrors its
 // structure step by step, replacing what ATen cannot do without extra passes
@@ -19,9 +19,9 @@
 
 #include <mola/ops.h>
 
-#include "../../../kernels/moe_lora_dense.h"
-#include "../../../kernels/moe_lora_grouped.h"
-#include "../../../kernels/moe_lora_route.h"
+#include <moe_lora_dense.h>  // kernels/, on the include path
+#include <moe_lora_grouped.h>
+#include <moe_lora_route.h>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -68,9 +68,9 @@ bool kernels_cover(const at::Tensor& x, int64_t out_features, int64_t num_expert
 // The dropout parameters the kernels take: a CUDA seed tensor is passed by
 // pointer (read on the device: graph replays see its current value), a CPU
 // one by value.
-k::GroupedDropout make_dropout(double p, bool training,
+k::DropoutMask make_dropout(double p, bool training,
                                const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
-  k::GroupedDropout d;
+  k::DropoutMask d;
   d.enabled = dropout_active(p, training);
   if (!d.enabled) return d;
   d.p = static_cast<float>(p);
@@ -88,14 +88,6 @@ k::GroupedDropout make_dropout(double p, bool training,
 // backward recomputes exactly what the forward used.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& logits, int64_t top_k) {
   return ops::moe_lora_route(logits, top_k);
-}
-
-// [A_cat; Wr] and B_cat, as the ATen path builds them.
-at::Tensor shrink_weight(const at::Tensor& router, const at::Tensor& lora_a) {
-  return at::cat({lora_a.reshape({-1, lora_a.size(2)}), router}, 0);
-}
-at::Tensor cat_lora_b(const at::Tensor& lora_b) {
-  return lora_b.permute({1, 0, 2}).reshape({lora_b.size(1), -1});  // [out, E*r]
 }
 
 // The routed slots sorted by expert, on the device (kernels/moe_lora_grouped.h).
@@ -131,7 +123,7 @@ Sorted sort_slots(const at::Tensor& idx, int64_t E) {
 // sorted segments, the sizes (input [T, in_features]) and the dropout.
 template <typename Params>
 void set_segment_fields(Params& p, const at::Tensor& input, const Sorted& sorted, int64_t top_k,
-                        int64_t E, int64_t r, const k::GroupedDropout& drop) {
+                        int64_t E, int64_t r, const k::DropoutMask& drop) {
   p.sorted_slots = sorted.slots;
   p.expert_offsets = sorted.expert_offsets;
   p.num_tokens = input.size(0);
@@ -145,7 +137,7 @@ void set_segment_fields(Params& p, const at::Tensor& input, const Sorted& sorted
 // out[s, :] = in~[s / k] W_e^T for every slot s (GroupedShrinkParams).
 at::Tensor grouped_shrink(const at::Tensor& input, const at::Tensor& weight,
                           std::array<int64_t, 3> strides_erk, const Sorted& sorted,
-                          int64_t top_k, int64_t E, int64_t r, const k::GroupedDropout& drop) {
+                          int64_t top_k, int64_t E, int64_t r, const k::DropoutMask& drop) {
   const int64_t T = input.size(0);
   at::Tensor out = at::empty({T * top_k, r}, input.options());
   k::GroupedShrinkParams p;
@@ -168,7 +160,7 @@ at::Tensor grouped_shrink(const at::Tensor& input, const at::Tensor& weight,
 void grouped_expand(at::Tensor& out, const at::Tensor& v, const at::Tensor* coef, double scaling,
                     const at::Tensor& idx, const at::Tensor& weight,
                     std::array<int64_t, 3> strides_ecr, int64_t E, int64_t r,
-                    const k::GroupedDropout& drop) {
+                    const k::DropoutMask& drop) {
   k::GroupedExpandParams p;
   p.v = v.const_data_ptr();
   p.coef = coef != nullptr ? coef->const_data_ptr() : nullptr;
@@ -197,7 +189,7 @@ void grouped_expand(at::Tensor& out, const at::Tensor& v, const at::Tensor* coef
 at::Tensor grouped_weight_grad(const at::Tensor& input, const at::Tensor& v, const at::Tensor* coef,
                                double scaling, const Sorted& sorted, int64_t top_k, int64_t E,
                                int64_t r, at::IntArrayRef shape, std::array<int64_t, 3> strides_ecr,
-                               const k::GroupedDropout& drop) {
+                               const k::DropoutMask& drop) {
   at::Tensor grad = at::empty(shape, input.options());
   k::GroupedWeightGradParams p;
   p.input = input.const_data_ptr();
@@ -237,7 +229,7 @@ at::Tensor gate_scale(const at::Tensor& hidden, const at::Tensor& gate, double s
 
 // Fills x_out = x (.) m and/or grad_x += dx~ (.) m (DropoutParams); all contiguous.
 void dropout_pass(const at::Tensor& x, at::Tensor* x_out, const at::Tensor* grad_in,
-                  at::Tensor* grad_x, const k::GroupedDropout& drop) {
+                  at::Tensor* grad_x, const k::DropoutMask& drop) {
   k::DropoutParams p;
   p.x = x.const_data_ptr();
   p.x_out = x_out != nullptr ? x_out->mutable_data_ptr() : nullptr;
@@ -273,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
     const std::optional<at::Tensor>& dropout_seed, bool shared_dropout_mask) {
   check_moe_lora_args(x, weight, bias, router_in, lora_a_in, lora_b_in, top_k, dropout_p,
                       training, compute, dropout_seed);
-  const int64_t in = x.size(-1), out = weight.size(0), E = router_in.size(0);
+  const int64_t in = x.size(-1), out = lora_b_in.size(1), E = router_in.size(0);
   const int64_t r = lora_a_in.size(1);
   if (!kernels_cover(x, out, E, r, top_k)) {
     return moe_lora_forward_aten(x, weight, bias, router_in, lora_a_in, lora_b_in, top_k, scaling,
@@ -288,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
   const int64_t T = X.size(0);
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out;
-  const k::GroupedDropout drop = make_dropout(dropout_p, training, dropout_seed, shared_dropout_mask);
+  const k::DropoutMask drop = make_dropout(dropout_p, training, dropout_seed, shared_dropout_mask);
 
   at::Tensor logits, hidden;
   if (mode == kDense && !drop.enabled) {
@@ -321,7 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
     logits = at::mm(X, router.t());  // no dropout on the router input
   }
   auto [w, idx, gate] = route(logits, top_k);  // [T, k], [T, k], [T, E]
-  at::Tensor y = at::linear(X, weight, bias).contiguous();  // [T, out], exactly nn.Linear
+  at::Tensor y = has_base(weight) ? at::linear(X, weight, bias).contiguous()  // [T, out], exactly nn.Linear
+                                  : base_free_output(X, bias, out);
 
   if (mode == kDense) {
     if (!hidden.defined()) {  // wide E*r with dropout: the mask pass, then cuBLAS
@@ -339,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_forward_cuda(
     // y[t] += sum_j s w_j h[t, j] B_e^T: W(e, c, rr) = B[e, c, rr].
     at::Tensor w_flat = w.reshape({-1}).contiguous();  // the kernel reads it with unit stride
     grouped_expand(y, hidden, &w_flat, scaling, idx, lora_b, {out * r, r, 1}, E, r,
-                   k::GroupedDropout{});
+                   k::DropoutMask{});
     hidden = hidden.view({T, top_k, r});
   }
   return {y.view(y_shape), logits, hidden};
@@ -354,7 +347,7 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
                        int64_t top_k, double scaling, double dropout_p, bool training,
                        int64_t compute, const std::optional<at::Tensor>& dropout_seed,
                        bool shared_dropout_mask, std::array<bool, 6> output_mask) {
-  const int64_t in = x.size(-1), out = weight.size(0), E = router_in.size(0);
+  const int64_t in = x.size(-1), out = lora_b_in.size(1), E = router_in.size(0);
   const int64_t r = lora_a_in.size(1);
   if (!kernels_cover(x, out, E, r, top_k)) {
     return moe_lora_backward_aten(grad_y, grad_router_logits, x, weight, router_in, lora_a_in,
@@ -373,12 +366,13 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
   const int64_t T = X.size(0);
   const bool need_x = output_mask[0], need_router = output_mask[3];
   const bool need_a = output_mask[4], need_b = output_mask[5];
-  const k::GroupedDropout drop = make_dropout(dropout_p, training, dropout_seed, shared_dropout_mask);
+  const k::DropoutMask drop = make_dropout(dropout_p, training, dropout_seed, shared_dropout_mask);
 
   at::Tensor grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b;
-  if (output_mask[1]) grad_weight = at::mm(dY.t(), X);
+  if (output_mask[1] && has_base(weight)) grad_weight = at::mm(dY.t(), X);
   if (output_mask[2]) grad_bias = dY.sum(0);
-  if (need_x) grad_x = at::mm(dY, weight);  // base: dy W, [T, in] contiguous
+  if (need_x) grad_x = has_base(weight) ? at::mm(dY, weight)  // base: dy W, [T, in] contiguous
+                                        : at::zeros({T, in}, X.options());
   if (!(need_x || need_router || need_a || need_b)) {
     return {grad_x, grad_weight, grad_bias, grad_router, grad_a, grad_b};
   }
@@ -393,7 +387,7 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
   }
   const at::Tensor w_flat = w.reshape({-1}).contiguous();  // [T*k], routing dtype
 
-  // dh and dz from du, h and the routing (kernels/moe_lora_dense.h, gate_backward).
+  // dh and dz from du, h and the routing (kernels/gate.h, gate_backward).
   auto gate_backward = [&](const at::Tensor& dU, const at::Tensor& h, bool dense) {
     at::Tensor dH = at::empty_like(dU);
     at::Tensor dz = at::empty({T, E}, X.options());
@@ -458,12 +452,12 @@ moe_lora_backward_cuda(const at::Tensor& grad_y,
     const Sorted sorted = sort_slots(idx, E);
     // du[s] = dy[t] B_e: W(e, rr, kk) = B[e, kk, rr].
     const at::Tensor dU = grouped_shrink(dY, lora_b, {out * r, 1, r}, sorted, top_k, E, r,
-                                         k::GroupedDropout{});
+                                         k::DropoutMask{});
     at::Tensor dH;
     std::tie(dH, dz) = gate_backward(dU, h, /*dense=*/false);
     if (need_b) {  // dB_e = dy_e^T (s w h)_e, laid out [E, out, r]
       grad_b = grouped_weight_grad(dY, h, &w_flat, scaling, sorted, top_k, E, r, {E, out, r},
-                                   {out * r, r, 1}, k::GroupedDropout{});
+                                   {out * r, r, 1}, k::DropoutMask{});
     }
     if (need_a) {  // dA_e = dh_e^T x~_e, laid out [E, r, in]
       grad_a = grouped_weight_grad(X, dH, nullptr, 1.0, sorted, top_k, E, r, {E, r, in},

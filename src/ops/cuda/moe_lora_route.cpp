@@ -1,17 +1,17 @@
 // src/ops/cuda/moe_lora_route.cpp: host glue of mola::moe_lora_route on CUDA.
 //
 // Checks, device guard, layout, allocation and the dtype switch live here so
-// that kernels/moe_lora_route.cu never sees a torch header (style.md: the
+// that kernels/moe_lora_route.cu never sees a torch header (docs/contributing.md, A new op: the
 // mola_kernels target compiles in seconds; flash-attention's flash_api.cpp is
 // the model). The math and its numerics are documented in the kernel file; the
 // CPU twin (src/ops/cpu/moe_lora_route.cpp) is the oracle the CUDA path is
-// tested against (tests/python/test_route_cuda.py).
+// tested against (tests/python/ops/test_route_cuda.py).
 #include "ops/cuda/moe_lora_route.h"
 #include "ops/moe_lora_impl.h"
 
 // Spelled relative: this directory has a moe_lora_route.h of its own, so a bare
 // "moe_lora_route.h" would resolve here, not to the kernel's params header.
-#include "../../../kernels/moe_lora_route.h"
+#include <moe_lora_route.h>  // kernels/, on the include path
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -88,7 +88,7 @@ void moe_lora_route_cuda_out(const at::Tensor& logits, int64_t top_k, at::Tensor
 
   const c10::cuda::CUDAGuard device_guard(logits.device());
   // Only the expert dimension must be dense: a row-strided slice (say the
-  // router columns of a fused [y | logits | h] GEMM output, design.md 4) is
+  // router columns of a fused [y | logits | h] GEMM output, docs/design.md, Strategies and kernels) is
   // read in place rather than copied.
   const at::Tensor z = logits.stride(1) == 1 || E == 1 ? logits : logits.contiguous();
   if (T == 0) return;

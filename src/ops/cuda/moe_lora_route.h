@@ -24,7 +24,7 @@ namespace ops {
 void moe_lora_route_cuda_out(const at::Tensor& logits, int64_t top_k, at::Tensor& weights,
                              at::Tensor& indices, at::Tensor& gate);
 
-// Same, and also ADDS the load-balancing statistics (design.md 2.2) into
+// Same, and also ADDS the load-balancing statistics (docs/design.md, The balance loss) into
 // `counts` and `prob_sum`, contiguous float32 [E] tensors the caller zeroes:
 // counts[e] += picks of expert e over all (token, slot); prob_sum[e] += sum of
 // P[:, e] over tokens. Either pointer may be null to skip that statistic.
