@@ -20,6 +20,20 @@ def randomize(model, family):
                 p.normal_(0.0, 1.0)
 
 
+def family_config(family, head_dim=32, mistral=None, **common):
+    """A transformers config of ``family`` over the ``common`` sizes: llama with
+    2 KV heads, mistral with 2 KV heads and a sliding window of 5 (``mistral``:
+    more of its settings), gemma with 1 KV head of ``head_dim``."""
+    import transformers
+    if family == "llama":
+        return transformers.LlamaConfig(num_key_value_heads=2, **common)
+    if family == "mistral":
+        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **(mistral or {}), **common)
+    if family == "gemma":
+        return transformers.GemmaConfig(num_key_value_heads=1, head_dim=head_dim, **common)
+    raise AssertionError(family)
+
+
 def save_tiny_llama(path, vocab=61):
     """Writes a random 4-layer llama (hidden 32, GQA 4/2 heads, fp32, seed 0)
     as a Hugging Face checkpoint in ``path``, the model the trainer tests use."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mola
-from tiny_models import randomize
+from tiny_models import family_config, randomize
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,13 +24,7 @@ def _config(family, **extra):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
                   pad_token_id=None, **extra)
-    if family == "llama":
-        return transformers.LlamaConfig(num_key_value_heads=2, **common)
-    if family == "mistral":
-        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **common)
-    if family == "gemma":
-        return transformers.GemmaConfig(num_key_value_heads=1, head_dim=32, **common)
-    raise AssertionError(family)
+    return family_config(family, **common)
 
 
 

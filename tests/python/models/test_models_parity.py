@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mola
-from tiny_models import randomize
+from tiny_models import family_config, randomize
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -30,15 +30,8 @@ SEQ = 12  # longer than mistral's window of 5
 def _config(family):
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=128)
-    if family == "llama":
-        return transformers.LlamaConfig(num_key_value_heads=2, **common)
-    if family == "mistral":
-        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=5,
-                                          rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-                                          **common)
-    if family == "gemma":
-        return transformers.GemmaConfig(num_key_value_heads=1, head_dim=32, **common)
-    raise AssertionError(family)
+    return family_config(family, mistral={"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+                         **common)
 
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mola
-from tiny_models import randomize
+from tiny_models import family_config, randomize
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,11 +30,7 @@ L = 4
 def _config(family):
     common = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=L,
                   num_attention_heads=4, max_position_embeddings=64)
-    if family == "llama":
-        return transformers.LlamaConfig(num_key_value_heads=2, **common)
-    if family == "mistral":
-        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **common)
-    return transformers.GemmaConfig(num_key_value_heads=1, head_dim=16, **common)
+    return family_config(family, head_dim=16, **common)
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "gemma"])

@@ -14,6 +14,7 @@ import torch
 
 import mola
 from mola.injection import adapter_key
+from tiny_models import family_config
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -26,13 +27,7 @@ NUM_LAYERS = 4
 def _config(family):
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=NUM_LAYERS,
                   num_attention_heads=4, max_position_embeddings=64)
-    if family == "llama":
-        return transformers.LlamaConfig(num_key_value_heads=2, **common)
-    if family == "mistral":
-        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **common)
-    if family == "gemma":
-        return transformers.GemmaConfig(num_key_value_heads=1, head_dim=32, **common)
-    raise AssertionError(family)
+    return family_config(family, **common)
 
 
 def _model(family, seed=0):
