@@ -6,6 +6,7 @@
 
 #include <mola/config.h>
 
+#include "detail/config_reader.h"
 #include "detail/text.h"
 
 #include <nlohmann/json.hpp>
@@ -15,9 +16,6 @@
 #include <utility>
 
 namespace mola::detail {
-
-// A value as text for a message (bytes that are not UTF-8 print as U+FFFD).
-inline std::string shown(const nlohmann::json& v) { return v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
 
 class JsonFields {
  public:
@@ -30,21 +28,21 @@ class JsonFields {
   }
   int64_t integer(const nlohmann::json& v, const std::string& key) const {
     if (!v.is_number_integer())
-      fail(key, " must be an integer; got ", shown(v), " (write it without quotes or a decimal point)");
+      fail(key, " must be an integer; got ", config_reader::dump(v), " (write it without quotes or a decimal point)");
     return v.get<int64_t>();
   }
   double number(const nlohmann::json& v, const std::string& key) const {
-    if (!v.is_number()) fail(key, " must be a number; got ", shown(v));
+    if (!v.is_number()) fail(key, " must be a number; got ", config_reader::dump(v));
     return v.get<double>();
   }
   bool boolean(const nlohmann::json& v, const std::string& key) const {
     if (!v.is_boolean())
-      fail(key, " must be true or false; got ", shown(v),
+      fail(key, " must be true or false; got ", config_reader::dump(v),
            v.is_string() ? " (a string: write true or false without quotes)" : "");
     return v.get<bool>();
   }
   std::string string(const nlohmann::json& v, const std::string& key) const {
-    if (!v.is_string()) fail(key, " must be a string; got ", shown(v));
+    if (!v.is_string()) fail(key, " must be a string; got ", config_reader::dump(v));
     return v.get<std::string>();
   }
 

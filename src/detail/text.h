@@ -4,6 +4,7 @@
 #pragma once
 
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,12 @@ std::string cat(const Parts&... parts) {
 template <class E, class... Parts>
 [[noreturn]] void raise(const Parts&... parts) {
   throw E(cat(parts...));
+}
+
+// Throws std::invalid_argument with the parts as its message unless ok.
+template <class... Parts>
+void require(bool ok, const Parts&... parts) {
+  if (!ok) raise<std::invalid_argument>(parts...);
 }
 
 // A name or value inside a message: 'name'. (JSON values are shown as JSON,

@@ -23,15 +23,11 @@ namespace mola::models {
 namespace {
 
 using mola::detail::cat;
+using mola::detail::require;
 
 using mola::detail::shape_str;
 
 // Caller errors are std::invalid_argument (ValueError in Python).
-template <class... Parts>
-void require(bool ok, const Parts&... parts) {
-  if (!ok) throw std::invalid_argument(cat(parts...));
-}
-
 bool exists(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0;

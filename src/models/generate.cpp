@@ -7,24 +7,19 @@
 // own positions and never attends to its padding.
 #include "mola/models/decoder.h"
 
+#include "detail/text.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <limits>
-#include <sstream>
 #include <stdexcept>
 #include <vector>
 
 namespace mola::models {
 namespace {
 
-template <class... Parts>
-void require(bool ok, const Parts&... parts) {
-  if (ok) return;
-  std::ostringstream o;
-  (o << ... << parts);
-  throw std::invalid_argument(o.str());
-}
+using mola::detail::require;
 
 // The next token of every row from its last logits [batch, vocab].
 at::Tensor next_tokens(const at::Tensor& logits, const GenerateOptions& opts, std::optional<at::Generator>& gen) {

@@ -16,12 +16,7 @@
 namespace mola::quant {
 namespace {
 
-using detail::cat;
-
-template <class... Parts>
-void require(bool ok, const Parts&... parts) {
-  if (!ok) detail::raise<std::invalid_argument>(parts...);
-}
+using detail::require;
 
 // Midpoints between neighbouring NF4 values: index = how many lie below x.
 const std::array<float, 15>& nf4_midpoints() {

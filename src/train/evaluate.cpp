@@ -24,7 +24,7 @@ using mola::detail::cat;
 
 template <class... Parts>
 void require(bool ok, const Parts&... parts) {
-  if (!ok) throw std::invalid_argument(cat("evaluate: ", parts...));
+  mola::detail::require(ok, "evaluate: ", parts...);
 }
 
 using mola::detail::join;

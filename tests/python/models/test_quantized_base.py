@@ -142,6 +142,7 @@ def test_errors_name_the_value_and_the_fix(tmp_path):
     assert not model.has_adapter  # nothing half-attached
     with pytest.raises(RuntimeError, match=r'quantized base \(quantize="nf4"\) cannot be copied.*from_pretrained'):
         copy.deepcopy(model)
-    if not mola.built_with_cuda or not torch.cuda.is_available():
-        with pytest.raises(Exception, match="cuda|CUDA"):
-            mola.CausalLM.from_pretrained(str(TINY), device="cuda", quantize="nf4")
+    # Refused on every machine: without a GPU for want of one, with one because a
+    # quantized base runs on the CPU only in this build.
+    with pytest.raises(ValueError, match="cuda"):
+        mola.CausalLM.from_pretrained(str(TINY), device="cuda", quantize="nf4")
