@@ -12,6 +12,8 @@ RSS is its own:
   transformers  transformers.AutoModelForCausalLM.from_pretrained(dir, dtype)
   inject        transformers + mola.inject (only with --train)
   peft          transformers + PEFT LoRA r=16 on the seven projections (--train, when peft imports)
+  peft-qlora    transformers with bitsandbytes' NF4 (double quantization) + PEFT LoRA r=16: QLoRA
+                (--train; only when --rows names it, and bitsandbytes imports)
 
 and reports the seconds to load, the peak resident memory after loading
 (VmHWM, which counts the file pages a mapped checkpoint touched), the
@@ -22,10 +24,14 @@ its adapter (MoLA 2468, top-2, rank 8, dropout 0.05 on the seven projections;
 PEFT: LoRA r=16), a frozen bf16 base with the adapter and AdamW in fp32, and
 runs --steps training steps on --batch x --seq random tokens (gradient
 checkpointing on); the row reports the seconds of each step and the peak RSS.
+With --device cuda the models load onto the GPU (the checkpoint is read on the
+host), every timing waits for the GPU, and each row also reports the peak GPU
+memory (torch.cuda.max_memory_allocated) and the training tokens per second.
 
 Usage:
   python bench/scale.py --shape llama-2-7b [--train] [--rows mola,transformers]
   python bench/scale.py --shape gemma-7b --layers 2 --keep-checkpoint
+  python bench/scale.py --device cuda --train --rows mola-nf4,peft-qlora --seq 512 --batch 4
 The JSON goes to stdout and to bench/results/scale-<shape>[-L<layers>]-<dtype>.json.
 The checkpoint lives under out/bench-checkpoints/ (git-ignored); --remove-checkpoint deletes it after.
 """
@@ -48,7 +54,7 @@ _common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_common)
 device_name, git_rev, write_json = _common.device_name, _common.git_rev, _common.write_json
 
-ROWS = ("mola", "transformers", "inject", "peft", "mola-nf4", "mola-int8")
+ROWS = ("mola", "transformers", "inject", "peft", "mola-nf4", "mola-int8", "peft-qlora")
 QUANTIZED = {"mola-nf4": "nf4", "mola-int8": "int8"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARD_BYTES = 4 << 30  # about 4 GiB per shard, as a 7B checkpoint on the hub is split
@@ -69,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the models run")
     p.add_argument("--checkpoint-dir", default=None, help="where the random checkpoint is written and reused")
     p.add_argument("--remove-checkpoint", action="store_true", help="delete the checkpoint when done")
     p.add_argument("--no-prewarm", dest="prewarm", action="store_false",
@@ -223,22 +230,41 @@ def run_row(args, directory: Path):
     import transformers
     row = args.child
     is_mola = row == "mola" or row in QUANTIZED
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.zeros(1, device="cuda")  # the CUDA context before the baseline
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     out = {"row": row, "rss_before_load_mb": rss_mb()}
     t0 = time.perf_counter()
     if is_mola:
-        model = mola.CausalLM.from_pretrained(str(directory), dtype=dtype, quantize=QUANTIZED.get(row))
+        model = mola.CausalLM.from_pretrained(str(directory), dtype=dtype, device=args.device,
+                                              quantize=QUANTIZED.get(row))
+    elif row == "peft-qlora":
+        bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, quantization_config=bnb,
+                                                                  device_map=args.device)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                                  device_map=args.device if cuda else None)
+    sync()
     out["load_s"] = time.perf_counter() - t0
     out["peak_rss_after_load_mb"] = rss_mb()
     out["rss_after_load_mb"] = current_rss_mb()
+    if cuda:
+        out["gpu_mb_after_load"] = torch.cuda.memory_allocated() / 2**20
     # A mapped checkpoint is read when first used: one forward (no grad) touches
     # every weight, so load + first forward is the time to a usable model.
     vocab = json.loads((directory / "config.json").read_text())["vocab_size"]
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(args.device)
     t0 = time.perf_counter()
     with torch.no_grad():
         model(ids) if is_mola else model(input_ids=ids)
+    sync()
     out["first_forward_s"] = time.perf_counter() - t0
     out["peak_rss_after_forward_mb"] = rss_mb()
     if not args.train:
@@ -253,7 +279,7 @@ def run_row(args, directory: Path):
         mola.inject(model, cfg)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
-    elif row == "peft":
+    elif row in ("peft", "peft-qlora"):
         import peft
         lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -266,6 +292,8 @@ def run_row(args, directory: Path):
     out["adapter_dtypes"] = sorted({str(p.dtype) for p in params})
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     steps = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -278,10 +306,15 @@ def run_row(args, directory: Path):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         steps.append(time.perf_counter() - t0)
         out["loss"] = float(loss)
     out["step_s"] = steps
     out["peak_rss_train_mb"] = rss_mb()
+    if cuda:
+        out["peak_gpu_train_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        later = steps[1:] or steps  # the first step includes warm-up
+        out["train_tokens_per_s"] = args.batch * args.seq * len(later) / sum(later)
     return out
 
 
@@ -305,12 +338,11 @@ def main(argv=None):
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise SystemExit(f"bench/scale.py: --rows: unknown {sorted(unknown)}; valid: {', '.join(ROWS)}")
-    if "peft" in rows:
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            print("bench/scale.py: peft is not installed; the peft row is skipped", file=sys.stderr)
-            rows.remove("peft")
+    for row, needs in (("peft", ("peft",)), ("peft-qlora", ("peft", "bitsandbytes"))):
+        missing = [m for m in needs if importlib.util.find_spec(m) is None]
+        if row in rows and missing:
+            print(f"bench/scale.py: {', '.join(missing)} not installed; the {row} row is skipped", file=sys.stderr)
+            rows.remove(row)
     results = {}
     child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     for row in rows:
@@ -335,11 +367,15 @@ def main(argv=None):
     for row, r in results.items():
         if "peak_rss_after_load_mb" in r:
             summary[f"{row}_peak_rss_over_weights"] = r["peak_rss_after_load_mb"] * (1 << 20) / wbytes
+    nf4, qlora = results.get("mola-nf4", {}), results.get("peft-qlora", {})
+    if "train_tokens_per_s" in nf4 and "train_tokens_per_s" in qlora:
+        summary["mola_nf4_tokens_per_s_over_peft_qlora"] = nf4["train_tokens_per_s"] / qlora["train_tokens_per_s"]
+        summary["mola_nf4_peak_gpu_over_peft_qlora"] = nf4["peak_gpu_train_mb"] / qlora["peak_gpu_train_mb"]
     if "load_s" in results.get("mola", {}) and "load_s" in results.get("transformers", {}):
         summary["mola_load_s_over_transformers"] = results["mola"]["load_s"] / results["transformers"]["load_s"]
     report = {
-        "bench": "scale", "shape": tag(args), "dtype": args.dtype, "device": device_name(), "rev": git_rev(),
-        "threads": args.threads, "train": args.train, "seq": args.seq, "batch": args.batch,
+        "bench": "scale", "shape": tag(args), "dtype": args.dtype, "device": device_name(args.device), "rev": git_rev(),
+        "threads": args.threads, "run_on": args.device, "train": args.train, "seq": args.seq, "batch": args.batch,
         "prewarm": args.prewarm, "steps": args.steps,
         "config": {k: cfg[k] for k in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                                          "vocab_size", "num_attention_heads") if k in cfg},
@@ -347,7 +383,8 @@ def main(argv=None):
         "rows": results, "summary": summary,
     }
     text = json.dumps(report, indent=2)
-    write_json(text, args.output, f"scale-{tag(args)}-{args.dtype}{'-train' if args.train else ''}.json")
+    where = "-cuda" if args.device == "cuda" else ""
+    write_json(text, args.output, f"scale-{tag(args)}-{args.dtype}{where}{'-train' if args.train else ''}.json")
     print(text)
     if args.remove_checkpoint:
         shutil.rmtree(directory, ignore_errors=True)

@@ -4,13 +4,16 @@
 // seven projection weights this way under from_pretrained(..., quantize);
 // the MoLA op adds the experts through its base-free form (mola/ops.h).
 //
-// The forward never makes a full copy of the weight in a wider type: it
-// dequantizes a block of rows at a time into a small reused buffer and
-// multiplies it there (the CPU's path; a CUDA model with a quantized base is
-// not built yet and is refused when asked for).
+// On the CPU the forward never makes a full copy of the weight in a wider
+// type: it dequantizes a block of rows at a time into a small reused buffer
+// and multiplies it there. On a GPU one kernel (kernels/dequant.cu)
+// dequantizes the weight into x's dtype for the one product that needs it,
+// and cuBLAS multiplies; the copy is freed right after, so one layer's weight
+// at a time exists in full (QLoRA's own scheme).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <array>
 #include <cstdint>
@@ -51,22 +54,28 @@ struct QuantizedWeight {
   int64_t nbytes() const;
   // The tensors by name ("data", "scale", ...), for copies and state dicts.
   std::map<std::string, at::Tensor> tensors() const;
+  // The same weight with its tensors on `device` (shared when already there).
+  QuantizedWeight to(const at::Device& device) const;
 };
 
-// Quantizes `weight` ([out, in], any floating dtype, CPU) to `kind` (int8 or
+// Quantizes `weight` ([out, in], any floating dtype) to `kind` (int8 or
 // nf4). Round to nearest: int8 round(w / scale); NF4 the nearest of the
 // sixteen values to w / absmax (ties to the lower one), absmax as stored.
+// The work runs on the CPU; a weight on a GPU is copied there and the result
+// placed back on its device.
 QuantizedWeight quantize(const at::Tensor& weight, Kind kind, bool double_quant = true);
 
 // The block absmaxes NF4 stores, dequantized ([blocks] fp32); for tests.
 at::Tensor nf4_absmax(const QuantizedWeight& q);
 
-// The whole weight back, [out, in] in `dtype` (tests, merging, analysis).
+// The whole weight back, [out, in] in `dtype` on the weight's device (tests,
+// merging, analysis; on a GPU, the kernel the forward uses).
 at::Tensor dequantize(const QuantizedWeight& q, at::ScalarType dtype = at::kFloat);
 
-// x W^T + b with W dequantized a block of rows at a time, for x [..., in] of
-// any floating dtype (computed in fp32, fp64 for fp64; returned in x's
-// dtype). Differentiable in x only: the base is frozen.
+// x W^T + b for x [..., in] of any floating dtype on the weight's device,
+// returned in x's dtype. CPU: W dequantized a block of rows at a time,
+// computed in fp32 (fp64 for fp64). CUDA: W dequantized whole in x's dtype and
+// multiplied by cuBLAS. Differentiable in x only: the base is frozen.
 at::Tensor linear(const at::Tensor& x, std::shared_ptr<const QuantizedWeight> q,
                   const std::optional<at::Tensor>& bias = std::nullopt);
 

@@ -83,6 +83,7 @@ py::dict state_to_python(const CausalLMImpl::State& st) {
   d["training"] = st.training;
   d["gradient_checkpointing"] = st.gradient_checkpointing;
   d["adapter_enabled"] = st.adapter_enabled;
+  d["quantization"] = std::string(mola::quant::kind_name(st.quantization));
   return d;
 }
 
@@ -102,6 +103,7 @@ std::shared_ptr<CausalLMImpl> state_from_python(const py::dict& d) {
   st.training = d["training"].cast<bool>();
   st.gradient_checkpointing = d["gradient_checkpointing"].cast<bool>();
   st.adapter_enabled = d["adapter_enabled"].cast<bool>();
+  if (d.contains("quantization")) st.quantization = mola::quant::parse_kind(d["quantization"].cast<std::string>());
   return CausalLMImpl::from_state(st, /*clone=*/false);
 }
 
@@ -169,7 +171,7 @@ void mola_bind_models(py::module_& m) {
           py::arg("path"), py::arg("dtype") = at::kFloat, py::arg("device") = py::str("cpu"),
           py::arg("quantize") = py::none(), py::arg("double_quant") = true,
           "Load a Hugging Face checkpoint directory (config.json and safetensors weights), in eval mode as "
-          "transformers' from_pretrained (model.train() to train). quantize=\"nf4\" or \"int8\" (CPU) holds the "
+          "transformers' from_pretrained (model.train() to train). quantize=\"nf4\" or \"int8\" holds the "
           "seven projection weights quantized (docs/quantization.md); double_quant=False keeps nf4's block absmaxes in "
           "fp32 (as bitsandbytes without bnb_4bit_use_double_quant). Raises "
           "FileNotFoundError for a missing directory, config.json or weights, ValueError for a bad config or "

@@ -39,9 +39,20 @@ class QuantizedWeight:
         """Bytes held by the stored tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the stored tensors are."""
+        return self.tensors["data"].device
+
+    def to(self, device) -> "QuantizedWeight":
+        """The same weight with its stored tensors on ``device`` (their dtypes stay)."""
+        return QuantizedWeight(self.kind, self.out_features, self.in_features,
+                               {name: t.to(device) for name, t in self.tensors.items()})
+
 
 def quantize(weight: torch.Tensor, kind: str, double_quant: bool = True) -> QuantizedWeight:
-    """Quantize ``weight`` (``[out, in]``, any float dtype, CPU) to ``kind`` ("int8" or "nf4").
+    """Quantize ``weight`` (``[out, in]``, any float dtype) to ``kind`` ("int8" or "nf4"),
+    on the CPU; the stored tensors are placed on ``weight``'s device.
     ``double_quant`` (NF4): store the block absmaxes as 8-bit codes (QLoRA's
     double quantization, the default) rather than as fp32 values."""
     tensors = _C.quantize_weight(weight, kind, double_quant)
@@ -49,11 +60,12 @@ def quantize(weight: torch.Tensor, kind: str, double_quant: bool = True) -> Quan
 
 
 def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The whole weight back, ``[out, in]`` in ``dtype``."""
+    """The whole weight back, ``[out, in]`` in ``dtype``, on the weight's device."""
     return _C.dequantize_weight(q.tensors, q.kind, q.out_features, q.in_features, dtype)
 
 
 def linear(x: torch.Tensor, q: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x W^T + b`` with W dequantized a block of rows at a time (no full copy);
-    differentiable in ``x``."""
+    """``x W^T + b``, differentiable in ``x``. On the CPU W is dequantized a
+    block of rows at a time (no full copy); on a GPU whole, in ``x``'s dtype,
+    for the one product."""
     return _C.quantized_linear(x, q.tensors, q.kind, q.out_features, q.in_features, bias)

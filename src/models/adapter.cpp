@@ -263,11 +263,27 @@ void CausalLMImpl::detach_adapter() {
   adapter_enabled_ = true;
 }
 
+namespace {
+
+// The state's keys of a quantized projection weight: "<path>.weight.quantized.<data|scale|...>".
+std::string quantized_key(const std::string& path, const std::string& part) {
+  return cat(path, ".weight.quantized.", part);
+}
+
+// Every projection of every layer with its module path, adapted or not.
+template <typename Fn>
+void for_each_projection(const DecoderModelImpl& model, Fn&& fn) {
+  for (size_t l = 0; l < model.layers->size(); ++l) {
+    const auto* layer = model.layers->ptr(l)->as<DecoderLayerImpl>();
+    for (const auto& name : projection_names())
+      fn(cat(layer_path(static_cast<int64_t>(l)), ".", DecoderLayerImpl::projection_path(name)),
+         layer->projection(name));
+  }
+}
+
+}  // namespace
+
 CausalLMImpl::State CausalLMImpl::state() const {
-  if (quantization_ != quant::Kind::kNone)
-    throw std::logic_error(cat("CausalLM: a model with a quantized base (quantize=\"", quant::kind_name(quantization_),
-                               "\") cannot be copied or pickled; load it again with from_pretrained(dir, quantize=\"",
-                               quant::kind_name(quantization_), "\"), and save its adapter with save_adapter"));
   State st;
   st.config = config();
   st.name_or_path = name_or_path;
@@ -281,6 +297,11 @@ CausalLMImpl::State CausalLMImpl::state() const {
       st.tensors[a.path + ".mola.pissa_a0"] = a.module->mola->pissa_a0;
       st.tensors[a.path + ".mola.pissa_b0"] = a.module->mola->pissa_b0;
     }
+  st.quantization = quantization_;
+  if (quantization_ != quant::Kind::kNone)
+    for_each_projection(*model, [&](const std::string& path, AdaptableLinear p) {
+      for (const auto& [part, t] : p->quantized->tensors()) st.tensors[quantized_key(path, part)] = t;
+    });
   st.training = is_training();
   st.gradient_checkpointing = gradient_checkpointing();
   st.adapter_enabled = adapter_enabled_;
@@ -324,6 +345,23 @@ std::shared_ptr<CausalLMImpl> CausalLMImpl::from_state(const State& st, bool clo
     return clone ? it->second.detach().clone() : it->second.detach();
   };
   at::NoGradGuard no_grad;
+  if (st.quantization != quant::Kind::kNone) {
+    // The projections take their stored tensors first: "weight" becomes empty.
+    for_each_projection(*out->model, [&](const std::string& path, AdaptableLinear p) {
+      quant::QuantizedWeight q;
+      q.kind = st.quantization;
+      q.out_features = p->out_features;
+      q.in_features = p->in_features;
+      q.data = take(quantized_key(path, "data"), at::Tensor());
+      q.scale = take(quantized_key(path, "scale"), at::Tensor());
+      if (st.tensors.count(quantized_key(path, "scale_scale")) != 0) {
+        q.scale_scale = take(quantized_key(path, "scale_scale"), at::Tensor());
+        q.scale_offset = take(quantized_key(path, "scale_offset"), at::Tensor());
+      }
+      p->set_quantized(std::move(q));
+    });
+    out->quantization_ = st.quantization;
+  }
   for (auto& p : out->named_parameters(/*recurse=*/true)) p.value().set_data(take(p.key(), p.value()));
   for (auto& a : out->adapted_projections())
     if (st.tensors.count(a.path + ".mola.pissa_a0")) {

@@ -355,8 +355,6 @@ void CausalLMImpl::load_checkpoint(const std::string& dir, at::ScalarType dtype,
   // With quantize: the projections' weights by parameter name.
   std::map<std::string, AdaptableLinear> quantized;
   if (quantize != quant::Kind::kNone) {
-    require(device.is_cpu(), "from_pretrained: quantize=\"", quant::kind_name(quantize), "\" runs on the CPU only in "
-            "this build (got device ", device.str(), "); load on the CPU or without quantize");
     for (int64_t l = 0; l < static_cast<int64_t>(model->layers->size()); ++l)
       for (const auto& name : projection_names())
         quantized.emplace(cat("model.layers.", l, ".", DecoderLayerImpl::projection_path(name), ".weight"),
@@ -374,8 +372,10 @@ void CausalLMImpl::load_checkpoint(const std::string& dir, at::ScalarType dtype,
         continue;
       }
       // Read in place from the map in the file's dtype (a copy only when the
-      // bytes are misaligned), quantized, and the map's pages of it dropped.
-      q->second->set_quantized(quant::quantize(f.load(name, f.info(name).scalar_type), quantize, double_quant));
+      // bytes are misaligned), quantized on the CPU, placed on `device`, and
+      // the map's pages of it dropped.
+      q->second->set_quantized(
+          quant::quantize(f.load(name, f.info(name).scalar_type), quantize, double_quant).to(device));
       f.release_pages(name);
     }
   }

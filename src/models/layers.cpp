@@ -66,8 +66,20 @@ void AdaptableLinearImpl::set_quantized(quant::QuantizedWeight q) {
   TORCH_CHECK(!mola || !mola->pissa_a0.defined(), "AdaptableLinear.set_quantized: PiSSA changed this weight");
   quantized = std::make_shared<const quant::QuantizedWeight>(std::move(q));
   at::NoGradGuard no_grad;
-  weight.set_data(at::empty({0}, weight.options()));
+  weight.set_data(at::empty({0}, weight.options().device(quantized->data.device())));
   weight.requires_grad_(false);
+}
+
+void AdaptableLinearImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, dtype, non_blocking);
+  if (quantized) quantized = std::make_shared<const quant::QuantizedWeight>(quantized->to(device));
+}
+
+void AdaptableLinearImpl::to(torch::Dtype dtype, bool non_blocking) { torch::nn::Module::to(dtype, non_blocking); }
+
+void AdaptableLinearImpl::to(torch::Device device, bool non_blocking) {
+  torch::nn::Module::to(device, non_blocking);
+  if (quantized) quantized = std::make_shared<const quant::QuantizedWeight>(quantized->to(device));
 }
 
 namespace {

@@ -6,6 +6,8 @@
 #include "detail/text.h"
 #include "ops/cpu/low_precision.h"
 
+#include <quant_codes.h>  // kernels/, on the include path
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
@@ -14,6 +16,15 @@
 #include <cmath>
 
 namespace mola::quant {
+
+static_assert(kNF4BlockSize == kernels::kNF4Block && kNF4ScaleBlockSize == kernels::kNF4ScaleBlock,
+              "mola/quant.h and kernels/quant_codes.h must agree on NF4's block sizes");
+
+#ifdef MOLA_WITH_CUDA
+// src/ops/cuda/quant.cpp: the weight of a CUDA QuantizedWeight, [out, in] in dtype, on its device.
+at::Tensor dequantize_cuda(const QuantizedWeight& q, at::ScalarType dtype);
+#endif
+
 namespace {
 
 using detail::require;
@@ -34,50 +45,42 @@ constexpr uint8_t kNF4Zero = 7;  // nf4_values()[7] == 0
 void require_kind(const QuantizedWeight& q) {
   require(q.kind == Kind::kInt8 || q.kind == Kind::kNF4,
                   "quantized weight: kind must be int8 or nf4; this one holds no quantized weight");
+  require(q.data.defined() && q.scale.defined(), "quantized weight: \"data\" and \"scale\" are both needed");
+  for (const auto& [name, t] : q.tensors())
+    require(t.defined() && t.device() == q.data.device(), "quantized weight: \"", name, "\" is ",
+            t.defined() ? "on " + t.device().str() : std::string("missing"), " but \"data\" on ", q.data.device().str(),
+            "; keep the stored tensors together (QuantizedWeight.to(device))");
 }
 
-// The absmaxes of NF4's blocks as stored: int8 codes with second-level scales
-// (double quantization), or fp32 values.
-struct BlockScales {
-  const int8_t* code = nullptr;
-  const float* scale_scale = nullptr;
-  float offset = 0.0f;
-  const float* absmax = nullptr;
-
-  explicit BlockScales(const QuantizedWeight& q) {
-    if (q.scale.scalar_type() == at::kFloat) {
-      absmax = q.scale.const_data_ptr<float>();
-    } else {
-      code = q.scale.const_data_ptr<int8_t>();
-      scale_scale = q.scale_scale.const_data_ptr<float>();
-      offset = q.scale_offset.const_data_ptr<float>()[0];
-    }
+// The absmaxes of NF4's blocks as stored (kernels/quant_codes.h reads them).
+kernels::NF4Scales scales_of(const QuantizedWeight& q) {
+  kernels::NF4Scales s;
+  if (q.scale.scalar_type() == at::kFloat) {
+    s.absmax = q.scale.const_data_ptr<float>();
+  } else {
+    s.code = q.scale.const_data_ptr<int8_t>();
+    s.scale_scale = q.scale_scale.const_data_ptr<float>();
+    s.offset = q.scale_offset.const_data_ptr<float>();
   }
-  float operator[](int64_t b) const {
-    return absmax != nullptr ? absmax[b] : static_cast<float>(code[b]) * scale_scale[b / kNF4ScaleBlockSize] + offset;
-  }
-};
+  return s;
+}
 
 // Rows [start, start + n) of the dequantized weight into `block` ([n, in], fp32 or fp64).
 template <typename T>
 void nf4_rows(const QuantizedWeight& q, int64_t start, int64_t n, T* out) {
   const int64_t in = q.in_features;
   const uint8_t* data = q.data.const_data_ptr<uint8_t>();
-  const BlockScales scales(q);
-  const auto& values = nf4_values();
+  const kernels::NF4Scales scales = scales_of(q);
+  const float* values = nf4_values().data();
   const int64_t first = start * in, count = n * in;
   // One task per run of whole blocks: each element's block absmax is read once per block.
   const int64_t first_block = first / kNF4BlockSize, last_block = (first + count - 1) / kNF4BlockSize;
   at::parallel_for(first_block, last_block + 1, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const float absmax = scales[b];
+      const float absmax = kernels::nf4_absmax(scales, b);
       const int64_t lo = std::max(first, b * kNF4BlockSize);
       const int64_t hi = std::min(first + count, (b + 1) * kNF4BlockSize);
-      for (int64_t f = lo; f < hi; ++f) {
-        const uint8_t byte = data[f >> 1];
-        const uint8_t idx = (f & 1) ? (byte & 0x0F) : (byte >> 4);
-        out[f - first] = static_cast<T>(values[idx] * absmax);
-      }
+      for (int64_t f = lo; f < hi; ++f) out[f - first] = static_cast<T>(values[kernels::nf4_index(data, f)] * absmax);
     }
   });
 }
@@ -112,7 +115,38 @@ QuantizedWeight unpack(const torch::autograd::AutogradContext* ctx) {
 
 at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// y = x W^T + b through the blocks; dx = dy W the same way.
+// On a GPU the weight is dequantized whole, in x's dtype, by one kernel, and
+// multiplied by cuBLAS; it lives only for the product (one layer's weight at
+// a time), forward and backward alike.
+at::Tensor cuda_dequantize(const QuantizedWeight& q, at::ScalarType dtype) {
+#ifdef MOLA_WITH_CUDA
+  return dequantize_cuda(q, dtype);
+#else
+  (void)q, (void)dtype;
+  TORCH_INTERNAL_ASSERT(false, "quant: a CUDA weight reached a build without CUDA kernels");
+#endif
+}
+
+// Names the fix where a CUDA tensor meets a build of mola without kernels.
+void require_cuda_build(const char* what, const at::Device& device) {
+#ifndef MOLA_WITH_CUDA
+  require(false, what, ": the tensors are on ", device.str(), " but this build of mola has no CUDA kernels (it was "
+          "compiled without nvcc); use the CPU, or rebuild mola where the CUDA toolkit is installed");
+#else
+  (void)what, (void)device;
+#endif
+}
+
+at::Tensor cuda_linear(const at::Tensor& x, const QuantizedWeight& q, const std::optional<at::Tensor>& bias) {
+  const at::Tensor w = cuda_dequantize(q, x.scalar_type());
+  return at::linear(x, w, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : std::nullopt);
+}
+
+at::Tensor cuda_input_grad(const at::Tensor& dy, const QuantizedWeight& q) {
+  return at::matmul(dy, cuda_dequantize(q, dy.scalar_type()));
+}
+
+// y = x W^T + b through the blocks (on the CPU); dx = dy W the same way.
 struct QuantizedLinear : public torch::autograd::Function<QuantizedLinear> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const std::shared_ptr<const QuantizedWeight>& q, const std::optional<at::Tensor>& bias) {
@@ -126,6 +160,7 @@ struct QuantizedLinear : public torch::autograd::Function<QuantizedLinear> {
       d["scale_scale"] = q->scale_scale;
       d["scale_offset"] = q->scale_offset;
     }
+    if (x.is_cuda()) return cuda_linear(x, *q, bias);
     const at::Tensor flat = x.reshape({-1, q->in_features}).to(compute_type(x)).contiguous();
     std::vector<int64_t> shape = x.sizes().vec();
     shape.back() = q->out_features;
@@ -135,6 +170,7 @@ struct QuantizedLinear : public torch::autograd::Function<QuantizedLinear> {
                                                  torch::autograd::variable_list grads) {
     const QuantizedWeight q = unpack(ctx);
     const at::Tensor& dy = grads[0];
+    if (dy.is_cuda()) return {cuda_input_grad(dy, q), at::Tensor(), at::Tensor()};
     const at::Tensor flat = dy.reshape({-1, q.out_features}).to(compute_type(dy)).contiguous();
     at::Tensor dx = at::zeros({flat.size(0), q.in_features}, flat.options());
     detail::addmm_by_blocks_(dx, flat, rows_of(q));
@@ -180,14 +216,14 @@ void nf4_block_absmax(const T* w, int64_t numel, float* absmax) {
 // many midpoints lie strictly below w / absmax (ties go to the lower value),
 // counted without branches; two indices per byte, the earlier in the high nibble.
 template <typename T>
-void nf4_pack(const T* w, int64_t numel, const BlockScales& scales, uint8_t* data) {
+void nf4_pack(const T* w, int64_t numel, const kernels::NF4Scales& scales, uint8_t* data) {
   const auto& mids = nf4_midpoints();
   const int64_t blocks = (numel + kNF4BlockSize - 1) / kNF4BlockSize;
   at::parallel_for(0, blocks, 256, [&](int64_t b0, int64_t b1) {
     float x[kNF4BlockSize];
     uint8_t idx[kNF4BlockSize];
     for (int64_t b = b0; b < b1; ++b) {
-      const float a = scales[b];
+      const float a = kernels::nf4_absmax(scales, b);
       const int64_t lo = b * kNF4BlockSize, n = std::min(numel - lo, kNF4BlockSize);
       if (a > 0.0f) {
         for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(w[lo + i]) / a;
@@ -241,7 +277,7 @@ QuantizedWeight quantize_nf4(const at::Tensor& w, bool double_quant) {
   }
   // The 4-bit indices, against the absmax as it will be read back.
   q.data = at::empty({(numel + 1) / 2}, at::TensorOptions().dtype(at::kByte));
-  const BlockScales scales(q);
+  const kernels::NF4Scales scales = scales_of(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "nf4_pack", [&] {
     nf4_pack(w.const_data_ptr<scalar_t>(), numel, scales, q.data.data_ptr<uint8_t>());
   });
@@ -268,13 +304,7 @@ const char* kind_name(Kind kind) {
 }
 
 const std::array<float, 16>& nf4_values() {
-  // QLoRA's NF4 (appendix E of the paper): 7 negative and 8 positive
-  // normal quantiles, an exact zero, scaled so the extremes are -1 and 1.
-  static const std::array<float, 16> values = {
-      -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-      -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-      0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-      0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+  static const std::array<float, 16> values = MOLA_NF4_VALUES;  // kernels/quant_codes.h
   return values;
 }
 
@@ -294,12 +324,19 @@ std::map<std::string, at::Tensor> QuantizedWeight::tensors() const {
   return out;
 }
 
+QuantizedWeight QuantizedWeight::to(const at::Device& device) const {
+  QuantizedWeight q = *this;
+  for (at::Tensor* t : {&q.data, &q.scale, &q.scale_scale, &q.scale_offset})
+    if (t->defined()) *t = t->to(device);
+  return q;
+}
+
 QuantizedWeight quantize(const at::Tensor& weight, Kind kind, bool double_quant) {
   require(weight.dim() == 2, "quantize: the weight must be [out, in]; got shape ", detail::shape_str(weight.sizes()));
   require(at::isFloatingType(weight.scalar_type()), "quantize: the weight must be floating point; got ",
                   weight.scalar_type());
-  require(weight.device().is_cpu(), "quantize: the weight must be on the CPU (got ", weight.device().str(),
-                  "); quantizing on a GPU is not built yet");
+  // A weight on a GPU is quantized on the CPU (one tensor's copy there) and the result placed back beside it.
+  if (!weight.device().is_cpu()) return quantize(weight.cpu(), kind, double_quant).to(weight.device());
   require(kind == Kind::kInt8 || kind == Kind::kNF4, "quantize: kind must be int8 or nf4, got ",
                   kind_name(kind));
   const at::Tensor w = weight.contiguous();  // a mapped checkpoint tensor is read in place
@@ -313,12 +350,17 @@ at::Tensor nf4_absmax(const QuantizedWeight& q) {
   require(q.kind == Kind::kNF4, "nf4_absmax: the weight is ", kind_name(q.kind), ", not nf4");
   if (!q.scale_scale.defined()) return q.scale;
   const int64_t blocks = q.scale.numel();
-  const at::Tensor group = at::arange(blocks, at::kLong).div(kNF4ScaleBlockSize, "floor");
+  const at::Tensor group = at::arange(blocks, q.scale.options().dtype(at::kLong)).div(kNF4ScaleBlockSize, "floor");
   return q.scale.to(at::kFloat) * q.scale_scale.index_select(0, group) + q.scale_offset;
 }
 
 at::Tensor dequantize(const QuantizedWeight& q, at::ScalarType dtype) {
   require_kind(q);
+  require(at::isFloatingType(dtype), "dequantize: dtype must be floating point; got ", dtype);
+  if (q.data.is_cuda()) {
+    require_cuda_build("dequantize", q.data.device());
+    return cuda_dequantize(q, dtype);
+  }
   const auto ct = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor w = at::empty({q.out_features, q.in_features}, at::TensorOptions().dtype(ct));
   rows_of(q)(0, q.out_features, w);
@@ -330,8 +372,10 @@ at::Tensor linear(const at::Tensor& x, std::shared_ptr<const QuantizedWeight> q,
   require_kind(*q);
   require(x.size(-1) == q->in_features, "quant::linear: x has ", x.size(-1), " features but the weight takes ",
                   q->in_features);
-  require(x.device().is_cpu(), "quant::linear: x is on ", x.device().str(),
-                  "; a quantized base runs on the CPU only in this build");
+  require(at::isFloatingType(x.scalar_type()), "quant::linear: x must be floating point; got ", x.scalar_type());
+  if (x.is_cuda()) require_cuda_build("quant::linear", x.device());
+  require(x.device() == q->data.device(), "quant::linear: x is on ", x.device().str(), " but the quantized weight on ",
+          q->data.device().str(), "; move the model (model.to(\"", x.device().str(), "\")) or the input");
   return QuantizedLinear::apply(x, q, bias);
 }
 

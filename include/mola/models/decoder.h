@@ -89,6 +89,12 @@ class AdaptableLinearImpl : public torch::nn::Module {
   // base-free form (mola/ops.h).
   void set_quantized(quant::QuantizedWeight q);
 
+  // As torch::nn::Module's, and a quantized weight follows the device too
+  // (its stored dtypes stay).
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
+
   int64_t in_features, out_features;
   at::Tensor weight, bias;  // bias undefined when the layer has none
   std::shared_ptr<const quant::QuantizedWeight> quantized;  // null: `weight` holds the base
@@ -249,12 +255,12 @@ class CausalLMImpl : public torch::nn::Module {
   // buffers and a tied lm_head.weight excepted). Throws
   // ModelFileNotFoundError, ModelConfigError, io::SafetensorsError or
   // std::invalid_argument naming the key and both shapes.
-  // quantize (int8 or nf4, CPU only) stores the seven projection weights of
-  // every layer quantized (mola/quant.h), each read from the file and
-  // quantized one tensor at a time, from the file's values; embeddings, norms and the head stay in
-  // `dtype`; double_quant (nf4) stores the block absmaxes as 8-bit codes.
-  // Such a model trains adapters as any other but cannot be copied (state()
-  // throws).
+  // quantize (int8 or nf4) stores the seven projection weights of every
+  // layer quantized (mola/quant.h), each read from the file and quantized on
+  // the CPU one tensor at a time, from the file's values, then placed on
+  // `device`; embeddings, norms and the head stay in `dtype`; double_quant
+  // (nf4) stores the block absmaxes as 8-bit codes.
+  // Such a model trains adapters, copies and pickles as any other.
   static std::shared_ptr<CausalLMImpl> from_pretrained(const std::string& dir, at::ScalarType dtype = at::kFloat,
                                                        at::Device device = at::kCPU,
                                                        quant::Kind quantize = quant::Kind::kNone,
@@ -291,7 +297,8 @@ class CausalLMImpl : public torch::nn::Module {
     ModelConfig config;
     std::string name_or_path;
     std::optional<ResolvedAdapter> adapter;
-    std::map<std::string, at::Tensor> tensors;
+    std::map<std::string, at::Tensor> tensors;  // a quantized projection's under "<path>.weight.quantized.<part>"
+    quant::Kind quantization = quant::Kind::kNone;
     std::vector<std::string> trainable;
     bool training = false, gradient_checkpointing = false, adapter_enabled = true;
   };

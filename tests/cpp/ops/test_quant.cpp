@@ -131,9 +131,39 @@ TEST(QuantizedModel, LogitsEqualTheDenseModelOnTheDequantizedWeights) {
     torch::NoGradGuard no_grad;
     EXPECT_TRUE(torch::allclose(model->forward(ids).logits, reference->forward(ids).logits, 1e-5, 1e-5));
     EXPECT_FALSE(torch::allclose(model->forward(ids).logits, dense->forward(ids).logits, 1e-5, 1e-5));
-    EXPECT_THROW(model->copy(), std::logic_error);
+    // A copy holds its own quantized weights and computes the same.
+    auto twin = model->copy();
+    EXPECT_EQ(twin->quantization(), kind);
+    EXPECT_TRUE(torch::equal(twin->forward(ids).logits, model->forward(ids).logits));
   }
   std::system(("rm -rf " + dir).c_str());
+}
+
+// On a GPU (skipped without one, or in a build without the CUDA kernels): the
+// dequantize kernel gives the CPU's values bit for bit, and quant::linear there
+// the dense product's.
+TEST(QuantCuda, DequantizeAndLinearEqualTheCpu) {
+#ifndef MOLA_WITH_CUDA
+  GTEST_SKIP() << "built without the CUDA kernels";
+#else
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  torch::manual_seed(0);
+  const at::Tensor w = torch::randn({33, 70}) * 0.05;
+  for (const auto kind : {quant::Kind::kInt8, quant::Kind::kNF4}) {
+    for (const bool double_quant : {true, false}) {
+      const quant::QuantizedWeight q = quant::quantize(w, kind, double_quant);
+      const quant::QuantizedWeight qc = q.to(at::Device(at::kCUDA, 0));
+      for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+        const at::Tensor got = quant::dequantize(qc, dtype);
+        ASSERT_TRUE(got.is_cuda());
+        EXPECT_TRUE(torch::equal(got.cpu(), quant::dequantize(q, at::kFloat).to(dtype))) << quant::kind_name(kind);
+      }
+      const at::Tensor x = torch::randn({4, 70}, torch::kDouble);
+      const at::Tensor y = quant::linear(x.cuda(), std::make_shared<const quant::QuantizedWeight>(qc));
+      EXPECT_TRUE(torch::allclose(y.cpu(), torch::matmul(x, quant::dequantize(q, at::kDouble).t()), 1e-12, 1e-12));
+    }
+  }
+#endif
 }
 
 }  // namespace

@@ -184,3 +184,21 @@ def test_errors_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match=r"weight must be \[out, in\]"):
         mola.ops.moe_lora(torch.randn(2, 8), torch.randn(2, 2, 2), None, torch.randn(2, 8), torch.randn(2, 1, 8),
                           torch.randn(2, 4, 1), 1, 1.0)
+    with pytest.raises(ValueError, match="floating point"):
+        quant.linear(torch.ones(2, 8, dtype=torch.long), q)
+    with pytest.raises(ValueError, match="floating point"):
+        quant.dequantize(q, torch.int32)
+
+
+def test_the_stored_tensors_move_together_and_a_split_weight_is_named():
+    q = quant.quantize(torch.randn(6, 64), "nf4")
+    assert q.device == torch.device("cpu")
+    same = q.to("cpu")
+    assert same.kind == q.kind and all(torch.equal(same.tensors[k], t) for k, t in q.tensors.items())
+    split = quant.QuantizedWeight(q.kind, q.out_features, q.in_features,
+                                  {**q.tensors, "scale": q.tensors["scale"].to("meta")})
+    with pytest.raises(ValueError, match=r'"scale" is on meta but "data" on cpu.*QuantizedWeight.to'):
+        quant.dequantize(split)
+    missing = quant.QuantizedWeight(q.kind, q.out_features, q.in_features, {"data": q.tensors["data"]})
+    with pytest.raises(ValueError, match=r'"data" and "scale" are both needed'):
+        quant.dequantize(missing)
