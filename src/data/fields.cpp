@@ -7,6 +7,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
+
 #include <fstream>
 
 namespace mola::data {
@@ -14,8 +16,11 @@ namespace mola::data {
 using mola::detail::cat;
 
 std::vector<std::string> load_field(const std::string& path, const std::string& field) {
+  struct stat st {};
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw DataFileNotFoundError(cat("load_field: data file '", path, "' not found"));
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || !in)
+    throw DataFileNotFoundError(cat("load_field: data file '", path, "' not found; give a JSON Lines file (a ",
+                                    "directory or a missing path is not one)"));
   std::vector<std::string> values;
   std::string line;
   for (size_t n = 1; std::getline(in, line); ++n) {

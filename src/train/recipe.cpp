@@ -8,8 +8,10 @@
 
 #include "detail/text.h"
 
+#include <dirent.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -255,6 +257,21 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& source, con
 }
 
 Recipe Recipe::from_file(const std::string& path, const std::vector<std::string>& overrides) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+    std::vector<std::string> recipes;
+    if (DIR* d = ::opendir(path.c_str())) {
+      while (const dirent* e = ::readdir(d)) {
+        const std::string name = e->d_name;
+        if (name.size() > 5 && name.compare(name.size() - 5, 5, ".json") == 0) recipes.push_back(name);
+      }
+      ::closedir(d);
+    }
+    std::sort(recipes.begin(), recipes.end());
+    if (recipes.size() > 6) recipes.resize(6), recipes.push_back("...");
+    fail("recipe: ", quote(path), " is a directory; give one recipe JSON file in it",
+         recipes.empty() ? std::string(" (it holds none)") : mola::detail::cat(": ", join(recipes)));
+  }
   std::ifstream in(path);
   if (!in) fail("recipe: cannot open ", quote(path), "; give the path of a recipe JSON file (see configs/recipes/)");
   nlohmann::json j;
