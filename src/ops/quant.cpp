@@ -46,9 +46,11 @@ void require_kind(const QuantizedWeight& q) {
   require(q.kind == Kind::kInt8 || q.kind == Kind::kNF4,
                   "quantized weight: kind must be int8 or nf4; this one holds no quantized weight");
   require(q.data.defined() && q.scale.defined(), "quantized weight: \"data\" and \"scale\" are both needed");
-  for (const auto& [name, t] : q.tensors())
-    require(t.defined() && t.device() == q.data.device(), "quantized weight: \"", name, "\" is ",
-            t.defined() ? "on " + t.device().str() : std::string("missing"), " but \"data\" on ", q.data.device().str(),
+  const std::pair<const char*, const at::Tensor*> parts[] = {
+      {"scale", &q.scale}, {"scale_scale", &q.scale_scale}, {"scale_offset", &q.scale_offset}};
+  for (const auto& [name, t] : parts)
+    require(!t->defined() || t->device() == q.data.device(), "quantized weight: \"", name, "\" is on ",
+            t->defined() ? t->device().str() : std::string(), " but \"data\" on ", q.data.device().str(),
             "; keep the stored tensors together (QuantizedWeight.to(device))");
 }
 

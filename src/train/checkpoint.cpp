@@ -60,17 +60,6 @@ bool is_directory(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-std::vector<std::string> list_dir(const std::string& path) {
-  std::vector<std::string> names;
-  DIR* d = ::opendir(path.c_str());
-  if (!d) return names;
-  while (const dirent* e = ::readdir(d)) {
-    const std::string n = e->d_name;
-    if (n != "." && n != "..") names.push_back(n);
-  }
-  ::closedir(d);
-  return names;
-}
 
 nlohmann::json read_state_json(const std::string& dir) {
   const std::string path = detail::join_path(dir, detail::kTrainerStateFile);
@@ -91,7 +80,7 @@ nlohmann::json read_state_json(const std::string& dir) {
 std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& output_dir) {
   std::vector<std::pair<int64_t, std::string>> out;
   const std::string dir = detail::checkpoints_dir(output_dir);
-  for (const auto& name : list_dir(dir)) {
+  for (const auto& name : detail::list_dir(dir)) {
     const std::string path = detail::join_path(dir, name);
     const auto step = checkpoint_step(name);
     // trainer_state.json is written last: without it a step-<N> was not made

@@ -7,8 +7,8 @@
 #include <mola/models/config.h>
 
 #include "detail/text.h"
+#include "train/checkpoint.h"
 
-#include <dirent.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -260,14 +260,8 @@ Recipe Recipe::from_file(const std::string& path, const std::vector<std::string>
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
     std::vector<std::string> recipes;
-    if (DIR* d = ::opendir(path.c_str())) {
-      while (const dirent* e = ::readdir(d)) {
-        const std::string name = e->d_name;
-        if (name.size() > 5 && name.compare(name.size() - 5, 5, ".json") == 0) recipes.push_back(name);
-      }
-      ::closedir(d);
-    }
-    std::sort(recipes.begin(), recipes.end());
+    for (const auto& name : detail::list_dir(path))  // sorted
+      if (name.size() > 5 && name.compare(name.size() - 5, 5, ".json") == 0) recipes.push_back(name);
     if (recipes.size() > 6) recipes.resize(6), recipes.push_back("...");
     fail("recipe: ", quote(path), " is a directory; give one recipe JSON file in it",
          recipes.empty() ? std::string(" (it holds none)") : mola::detail::cat(": ", join(recipes)));
