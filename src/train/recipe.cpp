@@ -7,8 +7,8 @@
 #include <mola/models/config.h>
 
 #include "detail/text.h"
-#include "train/checkpoint.h"
 
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -259,9 +259,17 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& source, con
 Recipe Recipe::from_file(const std::string& path, const std::vector<std::string>& overrides) {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+    // Listed here rather than with train/checkpoint.h's list_dir: this file
+    // stays free of torch headers (tests/fuzz builds it without them).
     std::vector<std::string> recipes;
-    for (const auto& name : detail::list_dir(path))  // sorted
-      if (name.size() > 5 && name.compare(name.size() - 5, 5, ".json") == 0) recipes.push_back(name);
+    if (DIR* d = ::opendir(path.c_str())) {
+      while (const dirent* e = ::readdir(d)) {
+        const std::string name = e->d_name;
+        if (name.size() > 5 && name.compare(name.size() - 5, 5, ".json") == 0) recipes.push_back(name);
+      }
+      ::closedir(d);
+    }
+    std::sort(recipes.begin(), recipes.end());
     if (recipes.size() > 6) recipes.resize(6), recipes.push_back("...");
     fail("recipe: ", quote(path), " is a directory; give one recipe JSON file in it",
          recipes.empty() ? std::string(" (it holds none)") : mola::detail::cat(": ", join(recipes)));
